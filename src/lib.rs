@@ -1,0 +1,15 @@
+//! kiln: quantize a causal language model to INT8/INT4 ONNX, prove it against a CPU
+//! reference, and serve it.
+//!
+//! The crate follows the data:
+//!
+//! 1. [`model`]: what a model is. GGUF and Hugging Face loaders produce one
+//!    [`model::Model`] (config, f32 weights in Hugging Face layout, the model's own
+//!    tokenizer); [`model::reference`] is a plain f32 forward pass used as the independent
+//!    check of everything downstream.
+//!
+//! Dependencies point one way: later rooms (quantization, ONNX writing, checking,
+//! runtime, engine, serving) read from `model`, never the reverse.
+#![warn(missing_docs, clippy::unwrap_used)]
+
+pub mod model;
