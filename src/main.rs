@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -90,7 +90,7 @@ fn main() -> Result<()> {
     }
 }
 
-fn load(path: &PathBuf) -> Result<Model> {
+fn load(path: &Path) -> Result<Model> {
     if !path.exists() {
         bail!(
             "{}: no such file or directory (run `make setup` to fetch the default model)",

@@ -77,7 +77,7 @@ impl ModelConfig {
                 return Err((field.into(), "must be greater than 0".into()));
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err((
                 "num_key_value_heads".into(),
                 format!(
@@ -86,7 +86,7 @@ impl ModelConfig {
                 ),
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err((
                 "head_dim".into(),
                 format!("{} is odd; rotary embeddings need pairs", self.head_dim),

@@ -155,7 +155,8 @@ impl GgmlType {
     /// Bytes taken by `n` values, or `None` when `n` is not a whole number of blocks.
     pub fn bytes_for(self, n: u64) -> Option<u64> {
         let (values, bytes) = self.block_layout();
-        (n % values as u64 == 0).then(|| n / values as u64 * bytes as u64)
+        n.is_multiple_of(values as u64)
+            .then(|| n / values as u64 * bytes as u64)
     }
 
     /// Whether [`dequantize`] decodes this type.
@@ -193,7 +194,7 @@ const _: () = assert!(Q5_K_BYTES == 176 && Q6_K_BYTES == 210);
 /// match; the caller adds the file and tensor name.
 pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<(), String> {
     let (values, bytes) = ty.block_layout();
-    if data.len() % bytes != 0 || data.len() / bytes * values != out.len() {
+    if !data.len().is_multiple_of(bytes) || data.len() / bytes * values != out.len() {
         return Err(format!(
             "{} data of {} bytes does not decode to {} values",
             ty.name(),
@@ -203,7 +204,7 @@ pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<(), Stri
     }
     use GgmlType::*;
     match ty {
-        F32 => decode_scalars::<4>(data, out, |b| f32::from_le_bytes(b)),
+        F32 => decode_scalars::<4>(data, out, f32::from_le_bytes),
         F16 => decode_scalars::<2>(data, out, |b| f16::from_le_bytes(b).to_f32()),
         BF16 => decode_scalars::<2>(data, out, |b| bf16::from_le_bytes(b).to_f32()),
         F64 => decode_scalars::<8>(data, out, |b| f64::from_le_bytes(b) as f32),
@@ -438,5 +439,186 @@ fn q6_k(b: &[u8; Q6_K_BYTES], y: &mut [f32; QK_K]) {
             out[l + 64] = d * (sc[is + 4] as i8 as f32) * q3 as f32;
             out[l + 96] = d * (sc[is + 6] as i8 as f32) * q4 as f32;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Hand-built blocks with answers worked out from the format description, not from
+    //! the decoders above.
+    use super::*;
+
+    fn h(v: f32) -> [u8; 2] {
+        f16::from_f32(v).to_le_bytes()
+    }
+
+    fn decode(ty: GgmlType, block: &[u8]) -> Vec<f32> {
+        let mut out = vec![0f32; ty.block_layout().0];
+        dequantize(ty, block, &mut out).expect("decodes");
+        out
+    }
+
+    #[test]
+    fn q4_0_and_q4_1() {
+        // qs[j] holds value j in its low nibble and value j+16 in its high nibble.
+        let qs: Vec<u8> = (0..16u8).map(|j| j | ((15 - j) << 4)).collect();
+        let y = decode(GgmlType::Q4_0, &[&h(0.5)[..], &qs].concat());
+        assert_eq!(y[0], -4.0); // (0 - 8) · 0.5
+        assert_eq!(y[15], 3.5); // (15 - 8) · 0.5
+        assert_eq!(y[16], 3.5); // high nibble of qs[0] = 15
+        assert_eq!(y[31], -4.0);
+        let y = decode(GgmlType::Q4_1, &[&h(0.25)[..], &h(-1.0), &qs].concat());
+        assert_eq!(y[0], -1.0); // 0 · 0.25 − 1
+        assert_eq!(y[5], 0.25); // 5 · 0.25 − 1
+        assert_eq!(y[16], 2.75); // 15 · 0.25 − 1
+    }
+
+    #[test]
+    fn q5_0_and_q5_1() {
+        let mut qs = [0u8; 16];
+        qs[3] = 0x27; // value 3: low nibble 7; value 19: low nibble 2
+        qs[9] = 0xF0; // value 9: 0; value 25: 15
+        let qh: u32 = (1 << 3) | (1 << 25); // fifth bit set for values 3 and 25
+        let block = [&h(1.0)[..], &qh.to_le_bytes(), &qs].concat();
+        let y = decode(GgmlType::Q5_0, &block);
+        assert_eq!(y[3], 7.0); // (7 + 16) − 16
+        assert_eq!(y[19], -14.0); // 2 − 16
+        assert_eq!(y[9], -16.0);
+        assert_eq!(y[25], 15.0); // (15 + 16) − 16
+        let block = [&h(0.5)[..], &h(2.0), &qh.to_le_bytes(), &qs].concat();
+        let y = decode(GgmlType::Q5_1, &block);
+        assert_eq!(y[3], 13.5); // 23 · 0.5 + 2
+        assert_eq!(y[25], 17.5); // 31 · 0.5 + 2
+        assert_eq!(y[0], 2.0);
+    }
+
+    #[test]
+    fn q8_0() {
+        let mut qs = [0u8; 32];
+        qs[0] = 0x80; // −128
+        qs[1] = 0x7F; // 127
+        qs[31] = 0xFF; // −1
+        let y = decode(GgmlType::Q8_0, &[&h(2.0)[..], &qs].concat());
+        assert_eq!((y[0], y[1], y[2], y[31]), (-256.0, 254.0, 0.0, -2.0));
+    }
+
+    #[test]
+    fn q2_k() {
+        // Sub-block s covers values 16s..16s+16. In each half of 128 values, byte l of the
+        // 32 code bytes holds four 2-bit codes at shifts 0, 2, 4, 6, for values l, l+32,
+        // l+64, l+96 (l < 32) of that half.
+        let mut scales = [0u8; 16];
+        scales[0] = 0x21; // scale 1, min 2 → values 0..16
+        scales[2] = 0x13; // scale 3, min 1 → values 32..48
+        scales[15] = 0xF5; // scale 5, min 15 → values 240..256
+        let mut qs = [0u8; 64];
+        qs[0] = 0b11_10_01_00;
+        qs[32 + 31] = 0b10_00_00_00; // second half, byte 31, shift 6 → value 128 + 96 + 31
+        let block = [&scales[..], &qs, &h(1.0), &h(0.5)].concat();
+        let y = decode(GgmlType::Q2_K, &block);
+        assert_eq!(y[0], -1.0); // 1·0 − 2·0.5
+        assert_eq!(y[32], 2.5); // 3·1 − 1·0.5
+        assert_eq!(y[255], 2.5); // 5·2 − 15·0.5
+        assert_eq!(y[1], -1.0); // code 0 in sub-block 0
+    }
+
+    #[test]
+    fn q3_k() {
+        // Scales: 16 six-bit values stored as low nibbles (bytes 0..8, two per byte) and
+        // two high bits each (bytes 8..12, four per byte); the scale is the value − 32.
+        let mut packed = [0u8; 12];
+        packed[0] = 0x0A | (0x01 << 4); // scale 0 low = 10, scale 8 low = 1
+        packed[8] = 0b00_10_00_10; // scale 0 high = 2, scale 8 high = 2 (shift 4)
+                                   // scale 0 = (10 | 2<<4) − 32 = 10; scale 8 = (1 | 2<<4) − 32 = 1; others −32.
+        let mut hmask = [0u8; 32];
+        hmask[0] = 0b0001_0001; // value 0 (bit 0) and value 128 (bit 4) have the third bit set
+        let mut qs = [0u8; 64];
+        qs[0] = 0b00_00_00_11; // value 0: low code 3
+        qs[32] = 0b00_00_00_01; // value 128: low code 1
+        let block = [&hmask[..], &qs, &packed, &h(0.5)].concat();
+        let y = decode(GgmlType::Q3_K, &block);
+        assert_eq!(y[0], 15.0); // 0.5 · 10 · (3 − 0)
+        assert_eq!(y[128], 0.5); // 0.5 · 1 · (1 − 0)
+        assert_eq!(y[1], -20.0); // 0.5 · 10 · (0 − 4)
+        assert_eq!(y[16], 64.0); // sub-block 1, scale −32: 0.5 · −32 · (0 − 4)
+    }
+
+    #[test]
+    fn q4_k_and_q5_k() {
+        // Eight 6-bit (scale, min) pairs: pairs 0..4 in the low 6 bits of bytes 0..4 and
+        // 4..8; pairs 4..8 take their low nibbles from bytes 8..12 and their top two bits
+        // from the top of bytes 0..4 (scales) and 4..8 (mins).
+        let mut sc = [0u8; 12];
+        sc[0] = 3; // pair 0 scale 3
+        sc[4] = 1; // pair 0 min 1
+        sc[8] = 0x25; // pair 4: scale low 5, min low 2
+        sc[0] |= 1 << 6; // pair 4 scale high bits 01 → 5 + 16 = 21
+        sc[4] |= 2 << 6; // pair 4 min high bits 10 → 2 + 32 = 34
+        let mut qs = [0u8; 128];
+        qs[0] = 0x9F; // value 0: 15; value 32: 9
+        qs[64] = 0x02; // chunk 2 (values 128..192), low nibble → value 128 (pair 4): 2
+        let block = [&h(1.0)[..], &h(0.25), &sc, &qs].concat();
+        let y = decode(GgmlType::Q4_K, &block);
+        assert_eq!(y[0], 44.75); // 1·3·15 − 0.25·1
+        assert_eq!(y[128], 33.5); // 1·21·2 − 0.25·34
+        assert_eq!(y[32], 0.0); // pair 1 is all zero
+                                // Q5_K: same scales, plus a fifth bit: bit 0 of qh[l] for value l, bit 5 of
+                                // qh[0] for value 128 + 32 (chunk 2, high nibble).
+        let mut qh = [0u8; 32];
+        qh[0] = 0b0010_0001;
+        let block = [&h(1.0)[..], &h(0.25), &sc, &qh, &qs].concat();
+        let y = decode(GgmlType::Q5_K, &block);
+        assert_eq!(y[0], 92.75); // 3·(15 + 16) − 0.25
+        assert_eq!(y[128], 33.5); // no fifth bit
+                                  // value 160 is pair 5: all zero scales/mins except the high bits of byte 1/5 → 0.
+        assert_eq!(y[160], 0.0);
+    }
+
+    #[test]
+    fn q6_k() {
+        // Per half of 128 values: ql 64 bytes, qh 32 bytes, 8 scales. For l < 32: value l
+        // uses ql[l] low nibble and qh[l] bits 0-1; value l+32 ql[l+32] low, qh bits 2-3;
+        // value l+64 ql[l] high, bits 4-5; value l+96 ql[l+32] high, bits 6-7.
+        // Scale index for value v of a half is v / 16.
+        let mut ql = [0u8; 128];
+        let mut qh = [0u8; 64];
+        let mut scales = [0u8; 16];
+        ql[0] = 0x3F; // value 0 low nibble 15, value 64 low nibble 3
+        qh[0] = 0b10_00_00_11; // value 0 high 3 → 63; value 96 high 2
+        scales[0] = 2;
+        scales[4] = (-3i8) as u8; // values 64..80
+        scales[6] = 1; // values 96..112
+        ql[64] = 0x01; // second half, value 128: low nibble 1
+        scales[8] = 4;
+        let block = [&ql[..], &qh, &scales, &h(0.5)].concat();
+        let y = decode(GgmlType::Q6_K, &block);
+        assert_eq!(y[0], 31.0); // 0.5 · 2 · (63 − 32)
+        assert_eq!(y[64], 43.5); // 0.5 · −3 · (3 − 32)
+        assert_eq!(y[96], 0.0); // 0.5 · 1 · (32 − 32)
+        assert_eq!(y[128], -62.0); // 0.5 · 4 · (1 − 32)
+    }
+
+    #[test]
+    fn floats() {
+        let y = {
+            let mut out = [0f32; 2];
+            dequantize(GgmlType::BF16, &[0x80, 0x3F, 0x00, 0xC0], &mut out).expect("bf16");
+            out
+        };
+        assert_eq!(y, [1.0, -2.0]);
+        let mut out = [0f32; 1];
+        dequantize(GgmlType::F16, &h(0.125), &mut out).expect("f16");
+        assert_eq!(out, [0.125]);
+    }
+
+    #[test]
+    fn size_mismatch_and_undecodable_types_are_errors() {
+        let mut out = [0f32; 32];
+        assert!(dequantize(GgmlType::Q4_0, &[0; 17], &mut out).is_err());
+        assert!(dequantize(GgmlType::I32, &[0; 128], &mut out).is_err());
+        assert_eq!(GgmlType::from_id(16), Err("IQ2_XXS".to_string()));
+        assert_eq!(GgmlType::from_id(99), Err("unknown type id 99".to_string()));
+        assert_eq!(GgmlType::Q6_K.bytes_for(512), Some(420));
+        assert_eq!(GgmlType::Q6_K.bytes_for(100), None);
     }
 }

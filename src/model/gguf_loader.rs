@@ -9,7 +9,7 @@
 use std::path::Path;
 
 use super::gguf::{GgufFile, Value};
-use super::weights::{gguf_name, TensorSource, Weights};
+use super::weights::{gguf_name, Tensor, TensorSource, Weights};
 use super::{tokenizer, Architecture, LoadError, Model, ModelConfig, SourceKind};
 
 pub(crate) fn load(path: &Path) -> Result<Model, LoadError> {
@@ -151,7 +151,7 @@ impl TensorSource for GgufSource<'_> {
         self.file.path()
     }
 
-    fn tensor(&self, hf_name: &str) -> Result<Option<(Vec<usize>, Vec<f32>)>, LoadError> {
+    fn tensor(&self, hf_name: &str) -> Result<Option<Tensor>, LoadError> {
         let name = gguf_name(hf_name).ok_or_else(|| LoadError::MissingTensor {
             path: self.file.path().to_path_buf(),
             tensor: hf_name.to_string(),

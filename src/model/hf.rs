@@ -11,7 +11,7 @@ use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 use serde_json::{Map, Value as Json};
 
-use super::weights::{TensorSource, Weights};
+use super::weights::{Tensor, TensorSource, Weights};
 use super::{tokenizer, Architecture, LoadError, Model, ModelConfig, SourceKind};
 
 pub(crate) fn load(dir: &Path) -> Result<Model, LoadError> {
@@ -275,7 +275,7 @@ impl TensorSource for SafetensorsDir {
         &self.dir
     }
 
-    fn tensor(&self, name: &str) -> Result<Option<(Vec<usize>, Vec<f32>)>, LoadError> {
+    fn tensor(&self, name: &str) -> Result<Option<Tensor>, LoadError> {
         let Some(&i) = self.index.get(name) else {
             return Ok(None);
         };

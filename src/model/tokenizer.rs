@@ -478,3 +478,71 @@ impl TextStream {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A SentencePiece-style vocabulary: merges follow the merged piece's score, unknown
+    /// characters fall back to byte tokens, and a space prefix is added and removed.
+    #[test]
+    fn sentencepiece_vocabulary() {
+        let mut tokens: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
+        let mut types = vec![2, 3, 3];
+        let mut scores = vec![0.0, 0.0, 0.0];
+        for b in 0..=255u8 {
+            tokens.push(format!("<0x{b:02X}>"));
+            types.push(6);
+            scores.push(0.0);
+        }
+        let pieces = [
+            ("▁hello", -1.0),
+            ("▁he", -2.0),
+            ("llo", -3.0),
+            ("ll", -4.0),
+            ("▁h", -5.0),
+            ("he", -6.0),
+            ("▁", -7.0),
+            ("h", -8.0),
+            ("e", -9.0),
+            ("l", -10.0),
+            ("o", -11.0),
+        ];
+        for (p, s) in pieces {
+            tokens.push(p.into());
+            types.push(TYPE_NORMAL);
+            scores.push(s);
+        }
+        let refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
+        let id = |p: &str| refs.iter().position(|t| *t == p).expect("piece") as u32;
+        let merges = sentencepiece_merges(&refs, &scores, &types);
+        // Highest-scoring merged piece first; all splits of a piece share its rank group.
+        assert_eq!(merges[0], (id("▁he"), id("llo")));
+        assert!(merges.contains(&(id("▁"), id("h"))));
+
+        let spec = sentencepiece_bpe(&refs, &scores, &types, Some(0), true);
+        let doc = json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": spec.normalizer, "pre_tokenizer": spec.pre_tokenizer, "post_processor": null,
+            "decoder": spec.decoder, "model": spec.model});
+        let tok = ModelTokenizer::new(
+            Tokenizer::from_str(&doc.to_string()).expect("builds"),
+            Some(1),
+            vec![2],
+            None,
+        );
+        let ids = tok.encode("hello z").expect("encodes");
+        assert_eq!(ids, [id("▁hello"), id("▁"), id("<0x7A>")]);
+        assert_eq!(tok.decode(&ids).expect("decodes"), "hello z");
+    }
+
+    #[test]
+    fn unknown_pre_tokenizer_is_named() {
+        let err = byte_level_bpe(&["a"], &[], "mystery")
+            .err()
+            .expect("refused");
+        assert!(
+            err.contains("tokenizer.ggml.pre \"mystery\" is not supported"),
+            "{err}"
+        );
+    }
+}

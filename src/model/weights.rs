@@ -124,12 +124,15 @@ pub fn gguf_name(hf: &str) -> Option<String> {
     Some(format!("blk.{layer}.{g}"))
 }
 
-/// A checkpoint that yields f32 tensors by Hugging Face name, row-major with their shape.
+/// A tensor read from a checkpoint: row-major shape and f32 values.
+pub(crate) type Tensor = (Vec<usize>, Vec<f32>);
+
+/// A checkpoint that yields f32 tensors by Hugging Face name.
 pub(crate) trait TensorSource {
     /// The file or directory, for error messages.
     fn path(&self) -> &Path;
     /// The tensor, or `None` when the checkpoint does not have it.
-    fn tensor(&self, hf_name: &str) -> Result<Option<(Vec<usize>, Vec<f32>)>, LoadError>;
+    fn tensor(&self, hf_name: &str) -> Result<Option<Tensor>, LoadError>;
 }
 
 impl Weights {
