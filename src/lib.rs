@@ -8,8 +8,15 @@
 //!    tokenizer); [`model::reference`] is a plain f32 forward pass used as the independent
 //!    check of everything downstream.
 //!
+//! 2. [`quant`]: how weights are quantized (schemes, round-to-nearest, error metrics),
+//!    pure math on ndarray.
+//! 3. [`onnx`]: how a model is written: graph builder, decoder graph with QDQ weights,
+//!    recipes, and the artifact directory with its manifest.
+//!
 //! Dependencies point one way: later rooms (quantization, ONNX writing, checking,
 //! runtime, engine, serving) read from `model`, never the reverse.
 #![warn(missing_docs, clippy::unwrap_used)]
 
 pub mod model;
+pub mod onnx;
+pub mod quant;

@@ -11,13 +11,13 @@ use kiln::model::gguf::GgufFile;
 use kiln::model::reference::Reference;
 use kiln::model::tokenizer::TextStream;
 use kiln::model::{default_model_path, Model};
+use kiln::onnx::decoder::TensorReport;
+use kiln::onnx::export::{export_recipe, ExportOptions, ExportOutcome, Progress};
+use kiln::onnx::manifest::{self, Manifest};
+
 
 #[derive(Parser)]
-#[command(
-    name = "kiln",
-    version,
-    about = "Quantize, export, check and serve causal language models"
-)]
+#[command(name = "kiln", version, about = "Quantize, export, check and serve causal language models")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -25,13 +25,30 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Show a model's architecture, tensors, sizes and tokenizer.
+    /// Show a model's or an artifact's architecture, tensors, sizes and tokenizer.
     Inspect {
-        /// A GGUF file or a Hugging Face directory (default: the model `make setup` fetched).
+        /// A GGUF file, a Hugging Face directory or an artifact directory (default: the
+        /// model `make setup` fetched).
         model: Option<PathBuf>,
         /// Also write the model's tokenizer as a Hugging Face tokenizer.json here.
         #[arg(long, value_name = "PATH")]
         write_tokenizer: Option<PathBuf>,
+        /// Print the quantization error of per-tensor, per-channel and blocked layouts at
+        /// 8 and 4 bits, per tensor class, for the model's real weights.
+        #[arg(long)]
+        compare_granularity: bool,
+    },
+    /// Export checkpoints to quantized ONNX artifacts, one per recipe (export/*.toml).
+    Export {
+        /// Recipe files.
+        #[arg(required = true)]
+        recipes: Vec<PathBuf>,
+        /// Rebuild artifacts that are up to date.
+        #[arg(long)]
+        force: bool,
+        /// Output directory (only with a single recipe).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
     },
     /// Print the token ids of a text.
     Tokenize {
@@ -70,32 +87,150 @@ enum Backend {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
-        Command::Inspect {
-            model,
-            write_tokenizer,
-        } => inspect(model.unwrap_or_else(default_model_path), write_tokenizer),
+        Command::Inspect { model, write_tokenizer, compare_granularity } => {
+            let path = model.unwrap_or_else(default_model_path);
+            if path.join(manifest::MANIFEST_FILE).is_file() {
+                inspect_artifact(&path)
+            } else if compare_granularity {
+                compare_granularity_study(&load(&path)?)
+            } else {
+                inspect(path, write_tokenizer)
+            }
+        }
+        Command::Export { recipes, force, output } => export(&recipes, force, output),
         Command::Tokenize { model, text, json } => tokenize(model, &text, json),
-        Command::Generate {
-            model,
-            backend: Backend::Reference,
-            prompt,
-            max_tokens,
-            json,
-        } => generate(
-            model.unwrap_or_else(default_model_path),
-            &prompt,
-            max_tokens,
-            json,
-        ),
+        Command::Generate { model, backend: Backend::Reference, prompt, max_tokens, json } => {
+            generate(model.unwrap_or_else(default_model_path), &prompt, max_tokens, json)
+        }
     }
+}
+
+fn export(recipes: &[PathBuf], force: bool, output: Option<PathBuf>) -> Result<()> {
+    if output.is_some() && recipes.len() > 1 {
+        bail!("--output takes a single recipe ({} given)", recipes.len());
+    }
+    for recipe in recipes {
+        let opts = ExportOptions { force, output: output.clone() };
+        let mut bar = Bar::default();
+        match export_recipe(recipe, &opts, &mut bar)? {
+            ExportOutcome::UpToDate { dir } => println!("{}: up to date ({})", recipe.display(), dir.display()),
+            ExportOutcome::Built { dir, manifest, seconds } => {
+                bar.finish();
+                println!(
+                    "{}: wrote {} in {seconds:.1} s: model.onnx {:.1} kB, model.onnx.data {:.1} MB",
+                    recipe.display(),
+                    dir.display(),
+                    manifest.sizes.onnx_bytes as f64 / 1e3,
+                    manifest.sizes.data_bytes as f64 / 1e6
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A progress bar over the weight matrices of an export (hidden when stderr is not a terminal).
+#[derive(Default)]
+struct Bar(Option<indicatif::ProgressBar>);
+
+impl Progress for Bar {
+    fn start(&mut self, total: usize) {
+        let bar = indicatif::ProgressBar::new(total as u64);
+        if let Ok(style) = indicatif::ProgressStyle::with_template("{elapsed:>4} [{bar:30}] {pos}/{len} {msg}") {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        self.0 = Some(bar);
+    }
+
+    fn tensor(&mut self, r: &TensorReport) {
+        if let Some(bar) = &self.0 {
+            bar.set_message(format!("{} {}", r.name, r.label));
+            bar.inc(1);
+        }
+    }
+}
+
+impl Bar {
+    fn finish(&self) {
+        if let Some(bar) = &self.0 {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+fn inspect_artifact(dir: &Path) -> Result<()> {
+    let m = Manifest::read(dir)?;
+    let c = &m.config;
+    println!("artifact     {} ({}), kiln {}", dir.display(), m.name, m.kiln_version);
+    if !m.recipe.description.is_empty() {
+        println!("recipe       {}", m.recipe.description);
+    }
+    println!("source       {} ({}, sha256 {})", m.source.path.display(), m.source.kind, &m.source.sha256[..16]);
+    println!(
+        "architecture {} layers, hidden {}, heads {} / kv {} × {}, vocab {}, context {}",
+        c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size, m.max_context
+    );
+    println!("files        model.onnx {} B, model.onnx.data {} B", m.sizes.onnx_bytes, m.sizes.data_bytes);
+    let dtypes: Vec<String> = m.sizes.by_dtype.iter().map(|(d, n)| format!("{d} {:.2} MB", *n as f64 / 1e6)).collect();
+    println!("bytes        {}", dtypes.join(", "));
+    let graph = kiln::onnx::manifest::read_graph(dir)?;
+    let mut ops: BTreeMap<String, usize> = BTreeMap::new();
+    for n in &graph.node {
+        *ops.entry(n.op_type.clone()).or_default() += 1;
+    }
+    let ops: Vec<String> = ops.iter().map(|(o, n)| format!("{o} {n}")).collect();
+    println!("ops          {}", ops.join(", "));
+    println!("inputs       {}", summarize_io(&m.io.inputs));
+    println!("outputs      {}", summarize_io(&m.io.outputs));
+    println!("tokenizer    bos {:?}, eos {:?}, vocab sha256 {}", m.tokenizer.bos_id, m.tokenizer.eos_ids, &m.tokenizer.vocab_sha256[..16]);
+    println!();
+    println!("{:<44} {:>14} {:>16} {:>12} {:>12}", "tensor", "shape", "scheme", "rel. error", "max abs");
+    for t in &m.tensors {
+        println!(
+            "{:<44} {:>14} {:>16} {:>12.3e} {:>12.3e}",
+            t.name,
+            format!("{}×{}", t.shape[0], t.shape[1]),
+            t.label,
+            t.error.rel_frobenius,
+            t.error.max_abs
+        );
+    }
+    Ok(())
+}
+
+fn compare_granularity_study(model: &Model) -> Result<()> {
+    let rows = kiln::quant::study::granularity_study(&model.weights);
+    let classes: Vec<&str> =
+        kiln::quant::study::CLASSES.iter().copied().filter(|c| rows.iter().any(|r| r.class == *c)).collect();
+    println!("relative Frobenius error ‖W − Ŵ‖/‖W‖ by tensor class (symmetric, round to nearest)");
+    print!("{:<16}", "scheme");
+    for c in &classes {
+        print!(" {c:>12}");
+    }
+    println!();
+    let mut schemes: Vec<&str> = rows.iter().map(|r| r.scheme.as_str()).collect();
+    schemes.dedup();
+    for s in schemes {
+        print!("{s:<16}");
+        for c in &classes {
+            let v = rows.iter().find(|r| r.scheme == s && r.class == *c).map_or(f64::NAN, |r| r.rel_frobenius);
+            print!(" {v:>12.4e}");
+        }
+        println!();
+    }
+    Ok(())
+}
+
+fn summarize_io(names: &[String]) -> String {
+    if names.len() <= 5 {
+        return names.join(", ");
+    }
+    format!("{}, … {} more …, {}", names[..3].join(", "), names.len() - 4, names[names.len() - 1])
 }
 
 fn load(path: &Path) -> Result<Model> {
     if !path.exists() {
-        bail!(
-            "{}: no such file or directory (run `make setup` to fetch the default model)",
-            path.display()
-        );
+        bail!("{}: no such file or directory (run `make setup` to fetch the default model)", path.display());
     }
     Ok(Model::load(path)?)
 }
@@ -106,10 +241,7 @@ fn inspect(path: PathBuf, write_tokenizer: Option<PathBuf>) -> Result<()> {
     let load_s = t0.elapsed().as_secs_f64();
     let c = &model.config;
     println!("model        {}", path.display());
-    println!(
-        "source       {:?}, loaded and dequantized to f32 in {load_s:.2} s",
-        model.source
-    );
+    println!("source       {:?}, loaded and dequantized to f32 in {load_s:.2} s", model.source);
     println!(
         "architecture {} ({})",
         serde_json::to_string(&c.architecture)?.trim_matches('"'),
@@ -117,13 +249,7 @@ fn inspect(path: PathBuf, write_tokenizer: Option<PathBuf>) -> Result<()> {
     );
     println!(
         "shape        {} layers, hidden {}, ffn {}, heads {} / kv {} × {}, vocab {}",
-        c.num_layers,
-        c.hidden_size,
-        c.intermediate_size,
-        c.num_heads,
-        c.num_kv_heads,
-        c.head_dim,
-        c.vocab_size
+        c.num_layers, c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size
     );
     println!(
         "             rope θ {}, rms eps {:e}, context {}, tied embeddings {}, qkv bias {}, sliding window {}",
@@ -134,11 +260,7 @@ fn inspect(path: PathBuf, write_tokenizer: Option<PathBuf>) -> Result<()> {
         c.attention_bias,
         c.sliding_window.map_or("none".to_string(), |w| w.to_string())
     );
-    println!(
-        "parameters   {} ({:.1} MB as f32)",
-        c.parameter_count(),
-        c.parameter_count() as f64 * 4.0 / 1e6
-    );
+    println!("parameters   {} ({:.1} MB as f32)", c.parameter_count(), c.parameter_count() as f64 * 4.0 / 1e6);
     if path.is_file() {
         let file = GgufFile::open(&path)?;
         let mut by_type: BTreeMap<&str, (usize, u64)> = BTreeMap::new();
@@ -211,16 +333,8 @@ fn generate(path: PathBuf, prompt: &str, max_tokens: usize, json: bool) -> Resul
     }
     let total = t0.elapsed().as_secs_f64();
     let ttft = first_token_at.map_or(0.0, |d| d.as_secs_f64());
-    let decode_tps = if ids.len() > 1 {
-        (ids.len() - 1) as f64 / (total - ttft)
-    } else {
-        0.0
-    };
-    let finish = if ids.last().is_some_and(|id| tok.eos_ids.contains(id)) {
-        "eos"
-    } else {
-        "length"
-    };
+    let decode_tps = if ids.len() > 1 { (ids.len() - 1) as f64 / (total - ttft) } else { 0.0 };
+    let finish = if ids.last().is_some_and(|id| tok.eos_ids.contains(id)) { "eos" } else { "length" };
     if json {
         let out = serde_json::json!({
             "token_ids": ids,

@@ -8,12 +8,7 @@ use common::*;
 use kiln::model::gguf::GgufFile;
 use kiln::model::{LoadError, Model};
 
-const LLAMA: TinySpec = TinySpec {
-    class: "LlamaForCausalLM",
-    tied: false,
-    bias: false,
-    sliding_window: None,
-};
+const LLAMA: TinySpec = TinySpec { class: "LlamaForCausalLM", tied: false, bias: false, sliding_window: None };
 
 fn load_err(path: &Path) -> LoadError {
     Model::load(path).expect_err("loading must fail")
@@ -21,10 +16,7 @@ fn load_err(path: &Path) -> LoadError {
 
 fn assert_mentions(err: &LoadError, path: &Path, what: &str) {
     let msg = err.to_string();
-    assert!(
-        msg.contains(&path.display().to_string()),
-        "error names the file: {msg}"
-    );
+    assert!(msg.contains(&path.display().to_string()), "error names the file: {msg}");
     assert!(msg.contains(what), "error says {what:?}: {msg}");
 }
 
@@ -69,11 +61,7 @@ fn unsupported_tensor_type() {
     w.tensor("blk.0.ffn_up.weight", &[256, 1], 16, vec![0; 66]);
     w.write(&path);
     let err = load_err(&path);
-    assert_mentions(
-        &err,
-        &path,
-        "blk.0.ffn_up.weight: unsupported tensor type IQ2_XXS",
-    );
+    assert_mentions(&err, &path, "blk.0.ffn_up.weight: unsupported tensor type IQ2_XXS");
 }
 
 #[test]
@@ -99,19 +87,12 @@ fn shape_mismatch() {
     let mut tensors = tiny_tensors(LLAMA, 9);
     tensors.insert(
         "model.layers.1.mlp.up_proj.weight".into(),
-        (
-            vec![TINY_FFN, TINY_HIDDEN + 1],
-            vec![0.0; TINY_FFN * (TINY_HIDDEN + 1)],
-        ),
+        (vec![TINY_FFN, TINY_HIDDEN + 1], vec![0.0; TINY_FFN * (TINY_HIDDEN + 1)]),
     );
     write_hf_dir(&hf, LLAMA, &tensors, Storage::SingleF32);
     let err = load_err(&hf);
     assert_eq!(err.kind(), "shape_mismatch");
-    assert_mentions(
-        &err,
-        &hf,
-        "model.layers.1.mlp.up_proj.weight has shape [48, 33], expected [48, 32]",
-    );
+    assert_mentions(&err, &hf, "model.layers.1.mlp.up_proj.weight has shape [48, 33], expected [48, 32]");
 }
 
 #[test]
@@ -129,29 +110,17 @@ fn malformed_config_json() {
     std::fs::write(&config, c.to_string()).expect("write");
     let err = load_err(&hf);
     assert_eq!(err.kind(), "config");
-    assert_mentions(
-        &err,
-        &config,
-        "hidden_size: \"wide\" is not an unsigned integer",
-    );
+    assert_mentions(&err, &config, "hidden_size: \"wide\" is not an unsigned integer");
 
     let mut c = tiny_config(LLAMA);
     c["architectures"] = serde_json::json!(["GPTNeoXForCausalLM"]);
     std::fs::write(&config, c.to_string()).expect("write");
-    assert_mentions(
-        &load_err(&hf),
-        &config,
-        "architectures: \"GPTNeoXForCausalLM\" is not supported",
-    );
+    assert_mentions(&load_err(&hf), &config, "architectures: \"GPTNeoXForCausalLM\" is not supported");
 
     let mut c = tiny_config(LLAMA);
     c["num_key_value_heads"] = 3.into();
     std::fs::write(&config, c.to_string()).expect("write");
-    assert_mentions(
-        &load_err(&hf),
-        &config,
-        "num_key_value_heads: 3 does not divide num_attention_heads 4",
-    );
+    assert_mentions(&load_err(&hf), &config, "num_key_value_heads: 3 does not divide num_attention_heads 4");
 
     let mut c = tiny_config(LLAMA);
     c["rope_scaling"] = serde_json::json!({"type": "linear", "factor": 2.0});
@@ -179,16 +148,9 @@ fn missing_tokenizer() {
         .meta("llama.block_count", Meta::U32(TINY_LAYERS as u32))
         .meta("llama.feed_forward_length", Meta::U32(TINY_FFN as u32))
         .meta("llama.attention.head_count", Meta::U32(TINY_HEADS as u32))
-        .meta(
-            "llama.attention.head_count_kv",
-            Meta::U32(TINY_KV_HEADS as u32),
-        );
+        .meta("llama.attention.head_count_kv", Meta::U32(TINY_KV_HEADS as u32));
     for (name, (shape, data)) in &tensors {
-        w.f32_tensor(
-            &kiln::model::weights::gguf_name(name).expect("name"),
-            shape,
-            data,
-        );
+        w.f32_tensor(&kiln::model::weights::gguf_name(name).expect("name"), shape, data);
     }
     w.write(&path);
     assert_mentions(&load_err(&path), &path, "tokenizer.ggml.model is missing");
@@ -216,11 +178,7 @@ fn hostile_headers() {
         b
     };
     let err = GgufFile::from_bytes(path, header(1 << 60, 0)).expect_err("huge tensor count");
-    assert!(
-        err.to_string()
-            .contains("tensor count 1152921504606846976 cannot fit"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("tensor count 1152921504606846976 cannot fit"), "{err}");
 
     let err = GgufFile::from_bytes(path, header(0, u64::MAX)).expect_err("huge metadata count");
     assert!(err.to_string().contains("metadata count"), "{err}");
@@ -232,10 +190,7 @@ fn hostile_headers() {
     b.extend_from_slice(&8u32.to_le_bytes());
     b.extend_from_slice(&(1u64 << 62).to_le_bytes());
     let err = GgufFile::from_bytes(path, b).expect_err("huge string");
-    assert!(
-        err.to_string().contains("runs past the end of the file"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("runs past the end of the file"), "{err}");
 
     // An array of u64::MAX u32 values.
     let mut b = header(0, 1);
@@ -245,10 +200,7 @@ fn hostile_headers() {
     b.extend_from_slice(&4u32.to_le_bytes());
     b.extend_from_slice(&u64::MAX.to_le_bytes());
     let err = GgufFile::from_bytes(path, b).expect_err("huge array");
-    assert!(
-        err.to_string().contains("metadata k: array length"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("metadata k: array length"), "{err}");
 
     // Arrays nested past the limit.
     let mut b = header(0, 1);
@@ -283,8 +235,5 @@ fn hostile_headers() {
     let mut b = header(0, 0);
     b[4..8].copy_from_slice(&1u32.to_le_bytes());
     let err = GgufFile::from_bytes(path, b).expect_err("v1");
-    assert!(
-        err.to_string().contains("GGUF version 1 is not supported"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("GGUF version 1 is not supported"), "{err}");
 }

@@ -59,22 +59,11 @@ fn prompt_logits_match_transformers() {
     let model = common::smollm2();
     let reference = Reference::new(model);
     for case in reference_prompts() {
-        assert_eq!(
-            model.tokenizer.encode(&case.prompt).expect("encodes"),
-            case.ids,
-            "ids of {:?}",
-            case.prompt
-        );
+        assert_eq!(model.tokenizer.encode(&case.prompt).expect("encodes"), case.ids, "ids of {:?}", case.prompt);
         let mut cache = reference.new_cache(case.ids.len());
-        let logits = reference
-            .forward(&case.ids, &mut cache, Logits::All)
-            .expect("forward");
+        let logits = reference.forward(&case.ids, &mut cache, Logits::All).expect("forward");
         let argmaxes: Vec<u32> = logits.rows().into_iter().map(argmax).collect();
-        assert_eq!(
-            argmaxes, case.argmax_per_position,
-            "argmax per position of {:?}",
-            case.prompt
-        );
+        assert_eq!(argmaxes, case.argmax_per_position, "argmax per position of {:?}", case.prompt);
         let last = logits.row(logits.nrows() - 1);
         for &(id, want) in &case.last_top20 {
             let got = last[id as usize];
@@ -108,17 +97,8 @@ fn greedy_continuations_match_transformers() {
                 }
             })
             .expect("generates");
-        assert_eq!(
-            out, case.greedy_48,
-            "greedy continuation of {:?}",
-            case.prompt
-        );
-        assert_eq!(
-            streamed,
-            model.tokenizer.decode(&out).expect("decodes"),
-            "streamed text of {:?}",
-            case.prompt
-        );
+        assert_eq!(out, case.greedy_48, "greedy continuation of {:?}", case.prompt);
+        assert_eq!(streamed, model.tokenizer.decode(&out).expect("decodes"), "streamed text of {:?}", case.prompt);
     }
 }
 
@@ -131,36 +111,18 @@ fn cached_decoding_matches_one_long_prefill() {
     let reference = Reference::new(model);
     let ids = &reference_prompts()[2].ids;
     let mut cache = reference.new_cache(ids.len());
-    let full = reference
-        .forward(ids, &mut cache, Logits::All)
-        .expect("forward");
+    let full = reference.forward(ids, &mut cache, Logits::All).expect("forward");
     let mut cache = reference.new_cache(ids.len());
-    let mut rows = vec![reference
-        .forward(&ids[..3], &mut cache, Logits::All)
-        .expect("prefill")];
-    rows.push(
-        reference
-            .forward(&ids[3..5], &mut cache, Logits::All)
-            .expect("chunk"),
-    );
+    let mut rows = vec![reference.forward(&ids[..3], &mut cache, Logits::All).expect("prefill")];
+    rows.push(reference.forward(&ids[3..5], &mut cache, Logits::All).expect("chunk"));
     for &id in &ids[5..] {
-        rows.push(
-            reference
-                .forward(&[id], &mut cache, Logits::All)
-                .expect("decode"),
-        );
+        rows.push(reference.forward(&[id], &mut cache, Logits::All).expect("decode"));
     }
-    let stepped = ndarray::concatenate(
-        ndarray::Axis(0),
-        &rows.iter().map(|r| r.view()).collect::<Vec<_>>(),
-    )
-    .expect("same widths");
+    let stepped = ndarray::concatenate(ndarray::Axis(0), &rows.iter().map(|r| r.view()).collect::<Vec<_>>())
+        .expect("same widths");
     let max_diff = (&full - &stepped).iter().fold(0f32, |m, d| m.max(d.abs()));
     // Same operations in another grouping: f32 rounding only.
-    assert!(
-        max_diff < 1e-3,
-        "cached decoding differs from one prefill by {max_diff}"
-    );
+    assert!(max_diff < 1e-3, "cached decoding differs from one prefill by {max_diff}");
     assert_eq!(cache.len(), ids.len());
 }
 
@@ -169,21 +131,11 @@ fn forward_rejects_bad_inputs() {
     let model = common::smollm2();
     let reference = Reference::new(model);
     let mut cache = reference.new_cache(4);
-    let err = reference
-        .forward(&[49152], &mut cache, Logits::Last)
-        .unwrap_err();
-    assert_eq!(
-        err.to_string(),
-        "token id 49152 is outside the vocabulary of 49152"
-    );
-    let err = reference
-        .forward(&[1, 2, 3, 4, 5], &mut cache, Logits::Last)
-        .unwrap_err();
+    let err = reference.forward(&[49152], &mut cache, Logits::Last).unwrap_err();
+    assert_eq!(err.to_string(), "token id 49152 is outside the vocabulary of 49152");
+    let err = reference.forward(&[1, 2, 3, 4, 5], &mut cache, Logits::Last).unwrap_err();
     assert_eq!(err.to_string(), "5 positions do not fit in a KV cache of 4");
-    assert!(
-        cache.is_empty(),
-        "a rejected window leaves the cache as it was"
-    );
+    assert!(cache.is_empty(), "a rejected window leaves the cache as it was");
 }
 
 #[test]
@@ -192,14 +144,9 @@ fn tokenizer_json_round_trips() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("tokenizer.json");
     std::fs::write(&path, model.tokenizer.to_json().expect("serializes")).expect("writes");
-    let reloaded =
-        tokenizers::Tokenizer::from_file(&path).expect("tokenizers loads what kiln wrote");
+    let reloaded = tokenizers::Tokenizer::from_file(&path).expect("tokenizers loads what kiln wrote");
     for case in reference().texts {
-        let ids = reloaded
-            .encode(case.text.as_str(), false)
-            .expect("encodes")
-            .get_ids()
-            .to_vec();
+        let ids = reloaded.encode(case.text.as_str(), false).expect("encodes").get_ids().to_vec();
         assert_eq!(ids, case.ids, "reloaded tokenizer ids of {:?}", case.text);
     }
 }

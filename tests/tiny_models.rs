@@ -8,24 +8,9 @@ use common::*;
 use kiln::model::reference::{Logits, Reference};
 use kiln::model::{Architecture, Model};
 
-const LLAMA: TinySpec = TinySpec {
-    class: "LlamaForCausalLM",
-    tied: false,
-    bias: false,
-    sliding_window: None,
-};
-const QWEN2: TinySpec = TinySpec {
-    class: "Qwen2ForCausalLM",
-    tied: true,
-    bias: true,
-    sliding_window: None,
-};
-const MISTRAL: TinySpec = TinySpec {
-    class: "MistralForCausalLM",
-    tied: false,
-    bias: false,
-    sliding_window: Some(3),
-};
+const LLAMA: TinySpec = TinySpec { class: "LlamaForCausalLM", tied: false, bias: false, sliding_window: None };
+const QWEN2: TinySpec = TinySpec { class: "Qwen2ForCausalLM", tied: true, bias: true, sliding_window: None };
+const MISTRAL: TinySpec = TinySpec { class: "MistralForCausalLM", tied: false, bias: false, sliding_window: Some(3) };
 
 /// f32 forward against an f64 scalar computation of the same math.
 const NAIVE_TOLERANCE: f64 = 1e-4;
@@ -33,9 +18,7 @@ const NAIVE_TOLERANCE: f64 = 1e-4;
 fn assert_matches_naive(model: &Model, spec: TinySpec, tensors: &Tensors, ids: &[u32]) {
     let reference = Reference::new(model);
     let mut cache = reference.new_cache(ids.len());
-    let logits = reference
-        .forward(ids, &mut cache, Logits::All)
-        .expect("forward");
+    let logits = reference.forward(ids, &mut cache, Logits::All).expect("forward");
     let naive = naive_logits(spec, tensors, ids);
     for (t, row) in naive.iter().enumerate() {
         for (v, want) in row.iter().enumerate() {
@@ -65,23 +48,11 @@ fn hf_bf16_shards_and_gguf_give_the_same_model() {
     // Same numbers in both layouts: the GGUF Q/K row permutation is undone exactly.
     assert_eq!(from_hf.weights, from_gguf.weights);
 
-    let ids = from_hf
-        .tokenizer
-        .encode("hello world<|endoftext|>")
-        .expect("encodes");
-    assert_eq!(
-        ids,
-        from_gguf
-            .tokenizer
-            .encode("hello world<|endoftext|>")
-            .expect("encodes")
-    );
+    let ids = from_hf.tokenizer.encode("hello world<|endoftext|>").expect("encodes");
+    assert_eq!(ids, from_gguf.tokenizer.encode("hello world<|endoftext|>").expect("encodes"));
     let (tokens, _, _) = tiny_vocab();
     let pieces: Vec<&str> = ids.iter().map(|&i| tokens[i as usize].as_str()).collect();
-    assert_eq!(
-        pieces,
-        ["he", "ll", "o", "Ġw", "or", "l", "d", "<|endoftext|>"]
-    );
+    assert_eq!(pieces, ["he", "ll", "o", "Ġw", "or", "l", "d", "<|endoftext|>"]);
 
     let run = |m: &Model| {
         let r = Reference::new(m);
@@ -131,22 +102,15 @@ fn decoding_with_the_cache_matches_prefill() {
     let mut cache = r.new_cache(ids.len());
     let full = r.forward(&ids, &mut cache, Logits::All).expect("prefill");
     let mut cache = r.new_cache(ids.len());
-    r.forward(&ids[..4], &mut cache, Logits::Last)
-        .expect("prefix");
+    r.forward(&ids[..4], &mut cache, Logits::Last).expect("prefix");
     for (t, &id) in ids.iter().enumerate().skip(4) {
         let step = r.forward(&[id], &mut cache, Logits::Last).expect("step");
-        let diff = (&step.row(0) - &full.row(t))
-            .iter()
-            .fold(0f32, |m, d| m.max(d.abs()));
+        let diff = (&step.row(0) - &full.row(t)).iter().fold(0f32, |m, d| m.max(d.abs()));
         assert!(diff < 1e-5, "position {t}: cached step differs by {diff}");
     }
     // Rolling back and re-running a position gives the same logits again.
     cache.truncate(6);
-    let again = r
-        .forward(&ids[6..], &mut cache, Logits::All)
-        .expect("re-run");
-    let diff = (&again.row(1) - &full.row(7))
-        .iter()
-        .fold(0f32, |m, d| m.max(d.abs()));
+    let again = r.forward(&ids[6..], &mut cache, Logits::All).expect("re-run");
+    let diff = (&again.row(1) - &full.row(7)).iter().fold(0f32, |m, d| m.max(d.abs()));
     assert!(diff < 1e-5, "after truncate: differs by {diff}");
 }

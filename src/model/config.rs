@@ -80,34 +80,29 @@ impl ModelConfig {
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err((
                 "num_key_value_heads".into(),
-                format!(
-                    "{} does not divide num_attention_heads {}",
-                    self.num_kv_heads, self.num_heads
-                ),
+                format!("{} does not divide num_attention_heads {}", self.num_kv_heads, self.num_heads),
             ));
         }
         if !self.head_dim.is_multiple_of(2) {
-            return Err((
-                "head_dim".into(),
-                format!("{} is odd; rotary embeddings need pairs", self.head_dim),
-            ));
+            return Err(("head_dim".into(), format!("{} is odd; rotary embeddings need pairs", self.head_dim)));
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
-            return Err((
-                "rope_theta".into(),
-                format!("{} is not a usable rotary base", self.rope_theta),
-            ));
+            return Err(("rope_theta".into(), format!("{} is not a usable rotary base", self.rope_theta)));
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
-            return Err((
-                "rms_norm_eps".into(),
-                format!("{} must be a positive number", self.rms_norm_eps),
-            ));
+            return Err(("rms_norm_eps".into(), format!("{} must be a positive number", self.rms_norm_eps)));
         }
         if self.sliding_window == Some(0) {
             return Err(("sliding_window".into(), "must be greater than 0".into()));
         }
         Ok(())
+    }
+
+    /// Rotary inverse frequencies, one per pair of head dimensions, computed as Hugging
+    /// Face does (the exponent in f32). The angle of position `p` is `p as f32 · f`.
+    pub fn rope_inv_freq(&self) -> Vec<f32> {
+        let d = self.head_dim;
+        (0..d / 2).map(|i| (1.0 / self.rope_theta.powf(f64::from((2 * i) as f32 / d as f32))) as f32).collect()
     }
 
     /// Parameters in the weights (the lm_head counted once when tied).
@@ -117,11 +112,7 @@ impl ModelConfig {
         let kv = self.num_kv_heads * self.head_dim;
         let bias = if self.attention_bias { q + 2 * kv } else { 0 };
         let layer = 2 * h + h * q + 2 * h * kv + q * h + bias + 3 * h * i;
-        let head = if self.tie_word_embeddings {
-            0
-        } else {
-            self.vocab_size * h
-        };
+        let head = if self.tie_word_embeddings { 0 } else { self.vocab_size * h };
         self.vocab_size * h + self.num_layers * layer + h + head
     }
 }

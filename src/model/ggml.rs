@@ -155,21 +155,12 @@ impl GgmlType {
     /// Bytes taken by `n` values, or `None` when `n` is not a whole number of blocks.
     pub fn bytes_for(self, n: u64) -> Option<u64> {
         let (values, bytes) = self.block_layout();
-        n.is_multiple_of(values as u64)
-            .then(|| n / values as u64 * bytes as u64)
+        n.is_multiple_of(values as u64).then(|| n / values as u64 * bytes as u64)
     }
 
     /// Whether [`dequantize`] decodes this type.
     pub fn is_float_decodable(self) -> bool {
-        !matches!(
-            self,
-            GgmlType::Q8_1
-                | GgmlType::Q8_K
-                | GgmlType::I8
-                | GgmlType::I16
-                | GgmlType::I32
-                | GgmlType::I64
-        )
+        !matches!(self, GgmlType::Q8_1 | GgmlType::Q8_K | GgmlType::I8 | GgmlType::I16 | GgmlType::I32 | GgmlType::I64)
     }
 }
 
@@ -195,12 +186,7 @@ const _: () = assert!(Q5_K_BYTES == 176 && Q6_K_BYTES == 210);
 pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<(), String> {
     let (values, bytes) = ty.block_layout();
     if !data.len().is_multiple_of(bytes) || data.len() / bytes * values != out.len() {
-        return Err(format!(
-            "{} data of {} bytes does not decode to {} values",
-            ty.name(),
-            data.len(),
-            out.len()
-        ));
+        return Err(format!("{} data of {} bytes does not decode to {} values", ty.name(), data.len(), out.len()));
     }
     use GgmlType::*;
     match ty {
@@ -218,9 +204,7 @@ pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<(), Stri
         Q4_K => decode_blocks::<Q4_K_BYTES, QK_K>(data, out, q4_k),
         Q5_K => decode_blocks::<Q5_K_BYTES, QK_K>(data, out, q5_k),
         Q6_K => decode_blocks::<Q6_K_BYTES, QK_K>(data, out, q6_k),
-        Q8_1 | Q8_K | I8 | I16 | I32 | I64 => {
-            return Err(format!("{} tensors have no f32 decoding here", ty.name()))
-        }
+        Q8_1 | Q8_K | I8 | I16 | I32 | I64 => return Err(format!("{} tensors have no f32 decoding here", ty.name())),
     }
     Ok(())
 }
@@ -232,11 +216,7 @@ fn decode_scalars<const N: usize>(data: &[u8], out: &mut [f32], f: impl Fn([u8; 
     }
 }
 
-fn decode_blocks<const B: usize, const V: usize>(
-    data: &[u8],
-    out: &mut [f32],
-    f: fn(&[u8; B], &mut [f32; V]),
-) {
+fn decode_blocks<const B: usize, const V: usize>(data: &[u8], out: &mut [f32], f: fn(&[u8; B], &mut [f32; V])) {
     let (blocks, _) = data.as_chunks::<B>();
     let (outs, _) = out.as_chunks_mut::<V>();
     for (block, o) in blocks.iter().zip(outs) {
@@ -333,11 +313,7 @@ fn q3_k(b: &[u8; Q3_K_BYTES], y: &mut [f32; QK_K]) {
     // high 2 bits from the last 4 bytes (four per byte).
     let mut scales = [0i32; 16];
     for (i, s) in scales.iter_mut().enumerate() {
-        let low = if i < 8 {
-            packed[i] & 0xF
-        } else {
-            packed[i - 8] >> 4
-        };
+        let low = if i < 8 { packed[i] & 0xF } else { packed[i - 8] >> 4 };
         let high = (packed[8 + i % 4] >> (2 * (i / 4))) & 3;
         *s = (low | (high << 4)) as i32 - 32;
     }
@@ -366,10 +342,7 @@ fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
     if j < 4 {
         (s[j] & 63, s[j + 4] & 63)
     } else {
-        (
-            (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4),
-            (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
-        )
+        ((s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4), (s[j + 4] >> 4) | ((s[j] >> 6) << 4))
     }
 }
 

@@ -215,10 +215,7 @@ impl fmt::Debug for GgufFile {
 impl GgufFile {
     /// Opens and memory-maps `path`, parsing and checking the header and tensor infos.
     pub fn open(path: &Path) -> Result<Self, LoadError> {
-        let io = |source| LoadError::Io {
-            path: path.to_path_buf(),
-            source,
-        };
+        let io = |source| LoadError::Io { path: path.to_path_buf(), source };
         let file = File::open(path).map_err(io)?;
         // SAFETY: the map is read-only; a file truncated by another process while mapped
         // is outside what this reader can guard against (as for every mmap-based loader).
@@ -232,22 +229,14 @@ impl GgufFile {
     }
 
     fn parse(path: &Path, bytes: Bytes) -> Result<Self, LoadError> {
-        let mut r = Reader {
-            buf: &bytes,
-            pos: 0,
-            path,
-        };
+        let mut r = Reader { buf: &bytes, pos: 0, path };
         let magic = r.take(4)?;
         if magic != b"GGUF" {
-            return Err(r.error(format!(
-                "not a GGUF file: magic bytes {magic:02x?}, expected \"GGUF\""
-            )));
+            return Err(r.error(format!("not a GGUF file: magic bytes {magic:02x?}, expected \"GGUF\"")));
         }
         let version = r.u32()?;
         if !(2..=3).contains(&version) {
-            return Err(r.error(format!(
-                "GGUF version {version} is not supported (2 and 3 are)"
-            )));
+            return Err(r.error(format!("GGUF version {version} is not supported (2 and 3 are)")));
         }
         let tensor_count = r.count(8 + 4 + 4 + 8, "tensor count")?;
         let kv_count = r.count(8 + 4, "metadata count")?;
@@ -255,9 +244,7 @@ impl GgufFile {
         for _ in 0..kv_count {
             let key = r.string()?;
             let ty = r.u32()?;
-            let value = r
-                .value(ty, 0)
-                .map_err(|e| e.context(&format!("metadata {key}")))?;
+            let value = r.value(ty, 0).map_err(|e| e.context(&format!("metadata {key}")))?;
             metadata.insert(key, value);
         }
         let alignment = match metadata.get("general.alignment") {
@@ -272,44 +259,30 @@ impl GgufFile {
             let name = r.string()?;
             let n_dims = r.u32()?;
             if n_dims == 0 || n_dims > MAX_DIMS {
-                return Err(r.error(format!(
-                    "tensor {name}: {n_dims} dimensions (1 to {MAX_DIMS} allowed)"
-                )));
+                return Err(r.error(format!("tensor {name}: {n_dims} dimensions (1 to {MAX_DIMS} allowed)")));
             }
-            let dims = (0..n_dims)
-                .map(|_| r.u64())
-                .collect::<Result<Vec<_>, _>>()?;
+            let dims = (0..n_dims).map(|_| r.u64()).collect::<Result<Vec<_>, _>>()?;
             let ty_id = r.u32()?;
-            let ty = GgmlType::from_id(ty_id)
-                .map_err(|t| r.error(format!("tensor {name}: unsupported tensor type {t}")))?;
+            let ty =
+                GgmlType::from_id(ty_id).map_err(|t| r.error(format!("tensor {name}: unsupported tensor type {t}")))?;
             let offset = r.u64()?;
             let elements = dims
                 .iter()
                 .try_fold(1u64, |acc, &d| acc.checked_mul(d))
                 .ok_or_else(|| r.error(format!("tensor {name}: dims {dims:?} overflow")))?;
-            let size = ty
-                .bytes_for(elements)
-                .filter(|_| dims[0] % ty.block_layout().0 as u64 == 0)
-                .ok_or_else(|| {
+            let size =
+                ty.bytes_for(elements).filter(|_| dims[0] % ty.block_layout().0 as u64 == 0).ok_or_else(|| {
                     r.error(format!(
-                    "tensor {name}: first dimension {} is not a multiple of the {} block size {}",
-                    dims[0],
-                    ty.name(),
-                    ty.block_layout().0
-                ))
+                        "tensor {name}: first dimension {} is not a multiple of the {} block size {}",
+                        dims[0],
+                        ty.name(),
+                        ty.block_layout().0
+                    ))
                 })?;
             if offset % alignment != 0 {
-                return Err(r.error(format!(
-                    "tensor {name}: offset {offset} is not aligned to {alignment}"
-                )));
+                return Err(r.error(format!("tensor {name}: offset {offset} is not aligned to {alignment}")));
             }
-            tensors.push(TensorInfo {
-                name,
-                dims,
-                ty,
-                offset,
-                size,
-            });
+            tensors.push(TensorInfo { name, dims, ty, offset, size });
         }
         let data_start = (r.pos as u64).div_ceil(alignment) * alignment;
         let data_len = (bytes.len() as u64).saturating_sub(data_start);
@@ -326,14 +299,7 @@ impl GgufFile {
         if let Some(dup) = tensors.iter().find(|t| !seen.insert(t.name.as_str())) {
             return Err(r.error(format!("tensor {} appears twice", dup.name)));
         }
-        Ok(GgufFile {
-            path: path.to_path_buf(),
-            version,
-            metadata,
-            tensors,
-            data_start: data_start as usize,
-            bytes,
-        })
+        Ok(GgufFile { path: path.to_path_buf(), version, metadata, tensors, data_start: data_start as usize, bytes })
     }
 
     /// The file this was read from.
@@ -354,16 +320,13 @@ impl GgufFile {
 
     /// Dequantizes the tensor `name` to f32, row-major.
     pub fn dequantize(&self, name: &str) -> Result<Vec<f32>, LoadError> {
-        let info = self.tensor(name).ok_or_else(|| LoadError::MissingTensor {
-            path: self.path.clone(),
-            tensor: name.to_string(),
-        })?;
+        let info = self
+            .tensor(name)
+            .ok_or_else(|| LoadError::MissingTensor { path: self.path.clone(), tensor: name.to_string() })?;
         let mut out = vec![0f32; info.elements() as usize];
-        ggml::dequantize(info.ty, self.tensor_bytes(info), &mut out).map_err(|reason| {
-            LoadError::Format {
-                path: self.path.clone(),
-                reason: format!("tensor {name}: {reason}"),
-            }
+        ggml::dequantize(info.ty, self.tensor_bytes(info), &mut out).map_err(|reason| LoadError::Format {
+            path: self.path.clone(),
+            reason: format!("tensor {name}: {reason}"),
         })?;
         Ok(out)
     }
@@ -382,10 +345,7 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn error(&self, reason: String) -> LoadError {
-        LoadError::Format {
-            path: self.path.to_path_buf(),
-            reason,
-        }
+        LoadError::Format { path: self.path.to_path_buf(), reason }
     }
 
     fn remaining(&self) -> usize {
@@ -434,15 +394,13 @@ impl<'a> Reader<'a> {
     fn string(&mut self) -> Result<String, LoadError> {
         let len = self.u64()?;
         if len > self.remaining() as u64 {
-            return Err(self.error(format!(
-                "string of {len} bytes at offset {} runs past the end of the file",
-                self.pos
-            )));
+            return Err(
+                self.error(format!("string of {len} bytes at offset {} runs past the end of the file", self.pos))
+            );
         }
         let at = self.pos;
         let raw = self.take(len as usize)?;
-        String::from_utf8(raw.to_vec())
-            .map_err(|_| self.error(format!("string at offset {at} is not UTF-8")))
+        String::from_utf8(raw.to_vec()).map_err(|_| self.error(format!("string at offset {at} is not UTF-8")))
     }
 
     fn value(&mut self, ty: u32, depth: usize) -> Result<Value, LoadError> {

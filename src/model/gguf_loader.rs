@@ -15,40 +15,24 @@ use super::{tokenizer, Architecture, LoadError, Model, ModelConfig, SourceKind};
 pub(crate) fn load(path: &Path) -> Result<Model, LoadError> {
     let file = GgufFile::open(path)?;
     let config = config_from_metadata(&file)?;
-    let src = GgufSource {
-        file: &file,
-        config: &config,
-        permuted: file_arch(&file)? == "llama",
-    };
+    let src = GgufSource { file: &file, config: &config, permuted: file_arch(&file)? == "llama" };
     let weights = Weights::read(&config, &src)?;
     let tokenizer = tokenizer::from_gguf(&file)?;
     if tokenizer.vocab_size() > config.vocab_size {
         return Err(LoadError::Tokenizer {
             path: path.to_path_buf(),
-            reason: format!(
-                "{} tokens but the embedding has {} rows",
-                tokenizer.vocab_size(),
-                config.vocab_size
-            ),
+            reason: format!("{} tokens but the embedding has {} rows", tokenizer.vocab_size(), config.vocab_size),
         });
     }
-    Ok(Model {
-        path: path.to_path_buf(),
-        source: SourceKind::Gguf,
-        config,
-        weights,
-        tokenizer,
-    })
+    Ok(Model { path: path.to_path_buf(), source: SourceKind::Gguf, config, weights, tokenizer })
 }
 
 fn file_arch(file: &GgufFile) -> Result<&str, LoadError> {
-    file.get("general.architecture")
-        .and_then(Value::as_str)
-        .ok_or_else(|| LoadError::Config {
-            path: file.path().to_path_buf(),
-            field: "general.architecture".into(),
-            reason: "missing or not a string".into(),
-        })
+    file.get("general.architecture").and_then(Value::as_str).ok_or_else(|| LoadError::Config {
+        path: file.path().to_path_buf(),
+        field: "general.architecture".into(),
+        reason: "missing or not a string".into(),
+    })
 }
 
 /// Resolves the architecture hyper-parameters from `{arch}.*` metadata.
@@ -74,29 +58,19 @@ pub(crate) fn config_from_metadata(file: &GgufFile) -> Result<ModelConfig, LoadE
     let uint = |k: &str| -> Result<Option<usize>, LoadError> {
         match file.get(&key(k)) {
             None => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .map(|v| Some(v as usize))
-                .ok_or_else(|| bad(key(k), "not an unsigned integer")),
+            Some(v) => v.as_u64().map(|v| Some(v as usize)).ok_or_else(|| bad(key(k), "not an unsigned integer")),
         }
     };
-    let need =
-        |k: &str| -> Result<usize, LoadError> { uint(k)?.ok_or_else(|| bad(key(k), "missing")) };
+    let need = |k: &str| -> Result<usize, LoadError> { uint(k)?.ok_or_else(|| bad(key(k), "missing")) };
     let float = |k: &str| -> Result<Option<f64>, LoadError> {
         match file.get(&key(k)) {
             None => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| bad(key(k), "not a number")),
+            Some(v) => v.as_f64().map(Some).ok_or_else(|| bad(key(k), "not a number")),
         }
     };
     if let Some(v) = file.get(&key("rope.scaling.type")) {
         if v.as_str() != Some("none") {
-            return Err(bad(
-                key("rope.scaling.type"),
-                &format!("rotary scaling {v} is not supported"),
-            ));
+            return Err(bad(key("rope.scaling.type"), &format!("rotary scaling {v} is not supported")));
         }
     }
     let hidden_size = need("embedding_length")?;
@@ -107,12 +81,10 @@ pub(crate) fn config_from_metadata(file: &GgufFile) -> Result<ModelConfig, LoadE
         None if num_heads > 0 => hidden_size / num_heads,
         None => 0,
     };
-    let embed = file
-        .tensor("token_embd.weight")
-        .ok_or_else(|| LoadError::MissingTensor {
-            path: file.path().to_path_buf(),
-            tensor: "token_embd.weight".into(),
-        })?;
+    let embed = file.tensor("token_embd.weight").ok_or_else(|| LoadError::MissingTensor {
+        path: file.path().to_path_buf(),
+        tensor: "token_embd.weight".into(),
+    })?;
     let vocab_size = match uint("vocab_size")? {
         Some(v) => v,
         None => embed.shape()[0],
@@ -133,9 +105,7 @@ pub(crate) fn config_from_metadata(file: &GgufFile) -> Result<ModelConfig, LoadE
         attention_bias: file.tensor("blk.0.attn_q.bias").is_some(),
         sliding_window: None,
     };
-    config
-        .validate()
-        .map_err(|(field, reason)| bad(field, &reason))?;
+    config.validate().map_err(|(field, reason)| bad(field, &reason))?;
     Ok(config)
 }
 
@@ -165,10 +135,7 @@ impl TensorSource for GgufSource<'_> {
         if !info.ty.is_float_decodable() {
             return Err(LoadError::Format {
                 path: self.file.path().to_path_buf(),
-                reason: format!(
-                    "tensor {name}: type {} is not a weight type kiln can decode",
-                    info.ty.name()
-                ),
+                reason: format!("tensor {name}: type {} is not a weight type kiln can decode", info.ty.name()),
             });
         }
         let shape = info.shape();

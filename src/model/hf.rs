@@ -29,28 +29,15 @@ pub(crate) fn load(dir: &Path) -> Result<Model, LoadError> {
             eos_ids = gen_ids;
         }
     }
-    let bos_id = token_ids(&config_path, &raw, "bos_token_id")?
-        .first()
-        .copied();
+    let bos_id = token_ids(&config_path, &raw, "bos_token_id")?.first().copied();
     let tokenizer = tokenizer::from_file(&tok_path, bos_id, eos_ids, chat_template(dir)?)?;
-    Ok(Model {
-        path: dir.to_path_buf(),
-        source: SourceKind::HfDir,
-        config,
-        weights,
-        tokenizer,
-    })
+    Ok(Model { path: dir.to_path_buf(), source: SourceKind::HfDir, config, weights, tokenizer })
 }
 
 fn read_json(path: &Path) -> Result<Json, LoadError> {
-    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    serde_json::from_str(&text).map_err(|e| LoadError::Format {
-        path: path.to_path_buf(),
-        reason: format!("invalid JSON: {e}"),
-    })
+    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Io { path: path.to_path_buf(), source })?;
+    serde_json::from_str(&text)
+        .map_err(|e| LoadError::Format { path: path.to_path_buf(), reason: format!("invalid JSON: {e}") })
 }
 
 /// Reads `key` as one token id or a list of them (absent or null: none).
@@ -60,11 +47,7 @@ fn token_ids(path: &Path, json: &Json, key: &str) -> Result<Vec<u32>, LoadError>
         field: key.into(),
         reason: "not a token id or a list of them".into(),
     };
-    let as_id = |v: &Json| {
-        v.as_u64()
-            .and_then(|i| u32::try_from(i).ok())
-            .ok_or_else(bad)
-    };
+    let as_id = |v: &Json| v.as_u64().and_then(|i| u32::try_from(i).ok()).ok_or_else(bad);
     match json.get(key) {
         None | Some(Json::Null) => Ok(vec![]),
         Some(Json::Array(a)) => a.iter().map(as_id).collect(),
@@ -91,41 +74,28 @@ fn chat_template(dir: &Path) -> Result<Option<String>, LoadError> {
 
 /// Resolves `config.json` into a [`ModelConfig`]; errors name the field.
 pub(crate) fn config_from_json(path: &Path, json: &Json) -> Result<ModelConfig, LoadError> {
-    let bad = |field: &str, reason: String| LoadError::Config {
-        path: path.to_path_buf(),
-        field: field.into(),
-        reason,
-    };
-    let obj: &Map<String, Json> = json
-        .as_object()
-        .ok_or_else(|| bad("(top level)", "not a JSON object".into()))?;
+    let bad = |field: &str, reason: String| LoadError::Config { path: path.to_path_buf(), field: field.into(), reason };
+    let obj: &Map<String, Json> = json.as_object().ok_or_else(|| bad("(top level)", "not a JSON object".into()))?;
     let present = |k: &str| obj.get(k).filter(|v| !v.is_null());
     let uint = |k: &str| -> Result<Option<usize>, LoadError> {
         match present(k) {
             None => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .map(|v| Some(v as usize))
-                .ok_or_else(|| bad(k, format!("{v} is not an unsigned integer"))),
+            Some(v) => {
+                v.as_u64().map(|v| Some(v as usize)).ok_or_else(|| bad(k, format!("{v} is not an unsigned integer")))
+            }
         }
     };
     let need = |k: &str| uint(k)?.ok_or_else(|| bad(k, "missing".into()));
     let float = |k: &str| -> Result<Option<f64>, LoadError> {
         match present(k) {
             None => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| bad(k, format!("{v} is not a number"))),
+            Some(v) => v.as_f64().map(Some).ok_or_else(|| bad(k, format!("{v} is not a number"))),
         }
     };
     let flag = |k: &str| -> Result<Option<bool>, LoadError> {
         match present(k) {
             None => Ok(None),
-            Some(v) => v
-                .as_bool()
-                .map(Some)
-                .ok_or_else(|| bad(k, format!("{v} is not true or false"))),
+            Some(v) => v.as_bool().map(Some).ok_or_else(|| bad(k, format!("{v} is not true or false"))),
         }
     };
     let class = present("architectures")
@@ -146,10 +116,7 @@ pub(crate) fn config_from_json(path: &Path, json: &Json) -> Result<ModelConfig, 
         }
     };
     if let Some(scaling) = present("rope_scaling") {
-        return Err(bad(
-            "rope_scaling",
-            format!("{scaling} is not supported (only unscaled rotary embeddings)"),
-        ));
+        return Err(bad("rope_scaling", format!("{scaling} is not supported (only unscaled rotary embeddings)")));
     }
     let hidden_size = need("hidden_size")?;
     let num_heads = need("num_attention_heads")?;
@@ -159,10 +126,7 @@ pub(crate) fn config_from_json(path: &Path, json: &Json) -> Result<ModelConfig, 
     let sliding_window = match architecture {
         Architecture::Mistral => uint("sliding_window")?,
         Architecture::Qwen2 if flag("use_sliding_window")? == Some(true) => {
-            return Err(bad(
-                "use_sliding_window",
-                "Qwen2 sliding-window layers are not supported".into(),
-            ))
+            return Err(bad("use_sliding_window", "Qwen2 sliding-window layers are not supported".into()))
         }
         _ => None,
     };
@@ -185,9 +149,7 @@ pub(crate) fn config_from_json(path: &Path, json: &Json) -> Result<ModelConfig, 
         },
         sliding_window,
     };
-    config
-        .validate()
-        .map_err(|(field, reason)| bad(&field, reason))?;
+    config.validate().map_err(|(field, reason)| bad(&field, reason))?;
     Ok(config)
 }
 
@@ -203,33 +165,26 @@ impl SafetensorsDir {
         let index_path = dir.join("model.safetensors.index.json");
         let names: Vec<String> = if index_path.is_file() {
             let json = read_json(&index_path)?;
-            let map = json
-                .get("weight_map")
-                .and_then(Json::as_object)
-                .ok_or_else(|| LoadError::Config {
-                    path: index_path.clone(),
-                    field: "weight_map".into(),
-                    reason: "missing or not an object".into(),
-                })?;
+            let map = json.get("weight_map").and_then(Json::as_object).ok_or_else(|| LoadError::Config {
+                path: index_path.clone(),
+                field: "weight_map".into(),
+                reason: "missing or not an object".into(),
+            })?;
             let mut files = BTreeMap::new();
             for (tensor, file) in map {
-                let file = file
-                    .as_str()
-                    .filter(|f| !f.contains('/') && !f.contains('\\'))
-                    .ok_or_else(|| LoadError::Config {
+                let file = file.as_str().filter(|f| !f.contains('/') && !f.contains('\\')).ok_or_else(|| {
+                    LoadError::Config {
                         path: index_path.clone(),
                         field: format!("weight_map.{tensor}"),
                         reason: "not a file name in this directory".into(),
-                    })?;
+                    }
+                })?;
                 files.insert(file.to_string(), ());
             }
             files.into_keys().collect()
         } else {
             let mut names: Vec<String> = std::fs::read_dir(dir)
-                .map_err(|source| LoadError::Io {
-                    path: dir.to_path_buf(),
-                    source,
-                })?
+                .map_err(|source| LoadError::Io { path: dir.to_path_buf(), source })?
                 .filter_map(|e| e.ok()?.file_name().into_string().ok())
                 .filter(|n| n.ends_with(".safetensors"))
                 .collect();
@@ -246,27 +201,18 @@ impl SafetensorsDir {
         let mut index = HashMap::new();
         for name in names {
             let path = dir.join(&name);
-            let io = |source| LoadError::Io {
-                path: path.clone(),
-                source,
-            };
+            let io = |source| LoadError::Io { path: path.clone(), source };
             let file = File::open(&path).map_err(io)?;
             // SAFETY: read-only map of a file we do not modify.
             let map = unsafe { Mmap::map(&file) }.map_err(io)?;
-            let st = SafeTensors::deserialize(&map).map_err(|e| LoadError::Format {
-                path: path.clone(),
-                reason: format!("invalid safetensors: {e}"),
-            })?;
+            let st = SafeTensors::deserialize(&map)
+                .map_err(|e| LoadError::Format { path: path.clone(), reason: format!("invalid safetensors: {e}") })?;
             for tensor in st.names() {
                 index.insert(tensor.to_string(), files.len());
             }
             files.push((path, map));
         }
-        Ok(SafetensorsDir {
-            dir: dir.to_path_buf(),
-            files,
-            index,
-        })
+        Ok(SafetensorsDir { dir: dir.to_path_buf(), files, index })
     }
 }
 
@@ -280,37 +226,15 @@ impl TensorSource for SafetensorsDir {
             return Ok(None);
         };
         let (path, map) = &self.files[i];
-        let fmt = |reason: String| LoadError::Format {
-            path: path.clone(),
-            reason: format!("tensor {name}: {reason}"),
-        };
+        let fmt = |reason: String| LoadError::Format { path: path.clone(), reason: format!("tensor {name}: {reason}") };
         let st = SafeTensors::deserialize(map).map_err(|e| fmt(e.to_string()))?;
         let view = st.tensor(name).map_err(|e| fmt(e.to_string()))?;
         let bytes = view.data();
         let data: Vec<f32> = match view.dtype() {
-            Dtype::F32 => bytes
-                .as_chunks::<4>()
-                .0
-                .iter()
-                .map(|b| f32::from_le_bytes(*b))
-                .collect(),
-            Dtype::F16 => bytes
-                .as_chunks::<2>()
-                .0
-                .iter()
-                .map(|b| f16::from_le_bytes(*b).to_f32())
-                .collect(),
-            Dtype::BF16 => bytes
-                .as_chunks::<2>()
-                .0
-                .iter()
-                .map(|b| bf16::from_le_bytes(*b).to_f32())
-                .collect(),
-            other => {
-                return Err(fmt(format!(
-                    "dtype {other:?} is not supported (F32, F16, BF16 are)"
-                )))
-            }
+            Dtype::F32 => bytes.as_chunks::<4>().0.iter().map(|b| f32::from_le_bytes(*b)).collect(),
+            Dtype::F16 => bytes.as_chunks::<2>().0.iter().map(|b| f16::from_le_bytes(*b).to_f32()).collect(),
+            Dtype::BF16 => bytes.as_chunks::<2>().0.iter().map(|b| bf16::from_le_bytes(*b).to_f32()).collect(),
+            other => return Err(fmt(format!("dtype {other:?} is not supported (F32, F16, BF16 are)"))),
         };
         Ok(Some((view.shape().to_vec(), data)))
     }

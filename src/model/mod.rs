@@ -101,10 +101,7 @@ impl LoadError {
     /// Prefixes a format error's reason with `what` (e.g. the metadata key being read).
     pub(crate) fn context(self, what: &str) -> Self {
         match self {
-            LoadError::Format { path, reason } => LoadError::Format {
-                path,
-                reason: format!("{what}: {reason}"),
-            },
+            LoadError::Format { path, reason } => LoadError::Format { path, reason: format!("{what}: {reason}") },
             other => other,
         }
     }
@@ -139,20 +136,13 @@ impl Model {
     pub fn load(path: &Path) -> Result<Model, LoadError> {
         if path.is_dir() {
             if !path.join("config.json").is_file() {
-                return Err(LoadError::UnknownSource {
-                    path: path.to_path_buf(),
-                });
+                return Err(LoadError::UnknownSource { path: path.to_path_buf() });
             }
             return hf::load(path);
         }
-        let meta = std::fs::metadata(path).map_err(|source| LoadError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let meta = std::fs::metadata(path).map_err(|source| LoadError::Io { path: path.to_path_buf(), source })?;
         if !meta.is_file() {
-            return Err(LoadError::UnknownSource {
-                path: path.to_path_buf(),
-            });
+            return Err(LoadError::UnknownSource { path: path.to_path_buf() });
         }
         gguf_loader::load(path)
     }
@@ -163,9 +153,7 @@ pub fn cache_dir() -> PathBuf {
     match std::env::var_os("KILN_CACHE") {
         Some(dir) if !dir.is_empty() => PathBuf::from(dir),
         _ => {
-            let home = std::env::var_os("HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from("."));
+            let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
             home.join(".cache").join("kiln")
         }
     }
@@ -173,7 +161,5 @@ pub fn cache_dir() -> PathBuf {
 
 /// The default model that `make setup` fetches: SmolLM2-135M-Instruct, Q4_1 GGUF.
 pub fn default_model_path() -> PathBuf {
-    cache_dir()
-        .join("models")
-        .join("SmolLM2-135M-Instruct.Q4_1.gguf")
+    cache_dir().join("models").join("SmolLM2-135M-Instruct.Q4_1.gguf")
 }

@@ -94,16 +94,7 @@ impl<'m> Reference<'m> {
 
     /// A reference forward over explicit config and weights.
     pub fn from_parts(config: &'m ModelConfig, weights: &'m Weights) -> Self {
-        let d = config.head_dim;
-        // As Hugging Face computes it: exponents in f32, one inverse frequency per pair.
-        let inv_freq = (0..d / 2)
-            .map(|i| (1.0 / config.rope_theta.powf(f64::from((2 * i) as f32 / d as f32))) as f32)
-            .collect();
-        Reference {
-            config,
-            weights,
-            inv_freq,
-        }
+        Reference { config, weights, inv_freq: config.rope_inv_freq() }
     }
 
     /// An empty cache for up to `capacity` positions.
@@ -119,19 +110,11 @@ impl<'m> Reference<'m> {
 
     /// Runs `ids` as the next positions after those in `cache`, appends their keys and
     /// values, and returns logits `[rows, vocab]` (`rows` per `which`).
-    pub fn forward(
-        &self,
-        ids: &[u32],
-        cache: &mut KvCache,
-        which: Logits,
-    ) -> Result<Array2<f32>, ForwardError> {
+    pub fn forward(&self, ids: &[u32], cache: &mut KvCache, which: Logits) -> Result<Array2<f32>, ForwardError> {
         let mut x = self.embed(ids)?;
         let needed = cache.len + ids.len();
         if needed > cache.capacity() {
-            return Err(ForwardError::CacheFull {
-                needed,
-                capacity: cache.capacity(),
-            });
+            return Err(ForwardError::CacheFull { needed, capacity: cache.capacity() });
         }
         for i in 0..self.config.num_layers {
             self.layer(i, &mut x, cache);
@@ -170,11 +153,7 @@ impl<'m> Reference<'m> {
         let h = rms_norm(x.view(), &w.input_layernorm, self.config.rms_norm_eps);
         let attn = self.attention(i, w, h.view(), cache);
         *x += &attn;
-        let h = rms_norm(
-            x.view(),
-            &w.post_attention_layernorm,
-            self.config.rms_norm_eps,
-        );
+        let h = rms_norm(x.view(), &w.post_attention_layernorm, self.config.rms_norm_eps);
         *x += &mlp(w, h.view());
     }
 
@@ -184,13 +163,7 @@ impl<'m> Reference<'m> {
         matmul_t(h.view(), self.weights.lm_head())
     }
 
-    fn attention(
-        &self,
-        layer: usize,
-        w: &LayerWeights,
-        h: ArrayView2<f32>,
-        cache: &mut KvCache,
-    ) -> Array2<f32> {
+    fn attention(&self, layer: usize, w: &LayerWeights, h: ArrayView2<f32>, cache: &mut KvCache) -> Array2<f32> {
         let c = self.config;
         let (seq, d) = (h.nrows(), c.head_dim);
         let start = cache.len;
@@ -204,12 +177,8 @@ impl<'m> Reference<'m> {
         for head in 0..c.num_kv_heads {
             self.rotate(k.slice_mut(s![.., head * d..(head + 1) * d]), start);
             let cols = s![.., head * d..(head + 1) * d];
-            cache.keys[layer]
-                .slice_mut(s![head, start..total, ..])
-                .assign(&k.slice(cols));
-            cache.values[layer]
-                .slice_mut(s![head, start..total, ..])
-                .assign(&v.slice(cols));
+            cache.keys[layer].slice_mut(s![head, start..total, ..]).assign(&k.slice(cols));
+            cache.values[layer].slice_mut(s![head, start..total, ..]).assign(&v.slice(cols));
         }
         let scale = 1.0 / (d as f32).sqrt();
         let group = c.num_heads / c.num_kv_heads;
@@ -225,18 +194,12 @@ impl<'m> Reference<'m> {
                 let pos = start + r;
                 // Causal: keys after the query position are hidden; with a sliding window,
                 // so are keys `window` or more positions back.
-                let first = c
-                    .sliding_window
-                    .map_or(0, |win| (pos + 1).saturating_sub(win));
+                let first = c.sliding_window.map_or(0, |win| (pos + 1).saturating_sub(win));
                 row.slice_mut(s![pos + 1..]).fill(f32::NEG_INFINITY);
                 row.slice_mut(s![..first]).fill(f32::NEG_INFINITY);
-                softmax_in_place(
-                    row.as_slice_mut()
-                        .expect("rows of a fresh array are contiguous"),
-                );
+                softmax_in_place(row.as_slice_mut().expect("rows of a fresh array are contiguous"));
             }
-            out.slice_mut(s![.., head * d..(head + 1) * d])
-                .assign(&scores.dot(&values));
+            out.slice_mut(s![.., head * d..(head + 1) * d]).assign(&scores.dot(&values));
         }
         linear(out.view(), &w.o_proj)
     }
@@ -280,14 +243,12 @@ fn matmul_t(x: ArrayView2<f32>, w: &Array2<f32>) -> Array2<f32> {
     // Decoding is bound by reading the weights: split the output rows across threads.
     let (rows, out_dim) = (x.nrows(), w.nrows());
     let mut y = vec![0f32; rows * out_dim];
-    y.par_chunks_mut(GEMV_CHUNK)
-        .enumerate()
-        .for_each(|(c, chunk)| {
-            for (j, v) in chunk.iter_mut().enumerate() {
-                let flat = c * GEMV_CHUNK + j;
-                *v = w.row(flat % out_dim).dot(&x.row(flat / out_dim));
-            }
-        });
+    y.par_chunks_mut(GEMV_CHUNK).enumerate().for_each(|(c, chunk)| {
+        for (j, v) in chunk.iter_mut().enumerate() {
+            let flat = c * GEMV_CHUNK + j;
+            *v = w.row(flat % out_dim).dot(&x.row(flat / out_dim));
+        }
+    });
     Array2::from_shape_vec((rows, out_dim), y).expect("rows × out values")
 }
 

@@ -30,7 +30,8 @@ const TYPE_USER_DEFINED: i64 = 4;
 /// Llama 3's pattern (`llama-bpe`): numbers in groups of up to three.
 const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// Qwen2's pattern: every digit alone.
-const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_PATTERN: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// Errors while encoding or decoding text.
 #[derive(Debug, thiserror::Error)]
@@ -56,26 +57,12 @@ pub struct ModelTokenizer {
 
 impl ModelTokenizer {
     /// Wraps a Hugging Face tokenizer.
-    pub fn new(
-        inner: Tokenizer,
-        bos_id: Option<u32>,
-        eos_ids: Vec<u32>,
-        chat_template: Option<String>,
-    ) -> Self {
+    pub fn new(inner: Tokenizer, bos_id: Option<u32>, eos_ids: Vec<u32>, chat_template: Option<String>) -> Self {
         let add_bos = match bos_id {
-            Some(bos) => inner
-                .encode("a", true)
-                .map(|e| e.get_ids().first() == Some(&bos))
-                .unwrap_or(false),
+            Some(bos) => inner.encode("a", true).map(|e| e.get_ids().first() == Some(&bos)).unwrap_or(false),
             None => false,
         };
-        ModelTokenizer {
-            inner,
-            bos_id,
-            eos_ids,
-            add_bos,
-            chat_template,
-        }
+        ModelTokenizer { inner, bos_id, eos_ids, add_bos, chat_template }
     }
 
     /// The underlying Hugging Face tokenizer.
@@ -96,20 +83,13 @@ impl ModelTokenizer {
     }
 
     fn encode_with(&self, text: &str, add_special: bool) -> Result<Vec<u32>, TokenizerError> {
-        let enc = self
-            .inner
-            .encode(text, add_special)
-            .map_err(|e| TokenizerError {
-                reason: e.to_string(),
-            })?;
+        let enc = self.inner.encode(text, add_special).map_err(|e| TokenizerError { reason: e.to_string() })?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Text of `ids`, special tokens left out.
     pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
-        self.inner.decode(ids, true).map_err(|e| TokenizerError {
-            reason: e.to_string(),
-        })
+        self.inner.decode(ids, true).map_err(|e| TokenizerError { reason: e.to_string() })
     }
 
     /// Number of tokens, added tokens included.
@@ -119,45 +99,40 @@ impl ModelTokenizer {
 
     /// The tokenizer in Hugging Face `tokenizer.json` form.
     pub fn to_json(&self) -> Result<String, TokenizerError> {
-        self.inner.to_string(true).map_err(|e| TokenizerError {
-            reason: e.to_string(),
-        })
+        self.inner.to_string(true).map_err(|e| TokenizerError { reason: e.to_string() })
+    }
+
+    /// sha256 over the vocabulary (`id\tpiece\n` in id order, added tokens included): two
+    /// tokenizers with the same hash map every id to the same piece.
+    pub fn vocab_sha256(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut vocab: Vec<(u32, String)> = self.inner.get_vocab(true).into_iter().map(|(p, i)| (i, p)).collect();
+        vocab.sort();
+        let mut h = Sha256::new();
+        for (id, piece) in vocab {
+            h.update(format!("{id}\t{piece}\n").as_bytes());
+        }
+        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
     }
 
     /// A one-line description: model type, vocabulary size, special ids.
     pub fn summary(&self) -> String {
         let model = match serde_json::to_value(self.inner.get_model()) {
-            Ok(v) => v
-                .get("type")
-                .and_then(Json::as_str)
-                .unwrap_or("?")
-                .to_string(),
+            Ok(v) => v.get("type").and_then(Json::as_str).unwrap_or("?").to_string(),
             Err(_) => "?".into(),
         };
         let name = |id: Option<u32>| {
-            id.and_then(|i| self.inner.id_to_token(i))
-                .map(|t| format!("{t:?}"))
-                .unwrap_or_else(|| "-".into())
+            id.and_then(|i| self.inner.id_to_token(i)).map(|t| format!("{t:?}")).unwrap_or_else(|| "-".into())
         };
-        let eos: Vec<String> = self
-            .eos_ids
-            .iter()
-            .map(|&i| format!("{} {}", i, name(Some(i))))
-            .collect();
+        let eos: Vec<String> = self.eos_ids.iter().map(|&i| format!("{} {}", i, name(Some(i)))).collect();
         format!(
             "{model}, {} tokens, bos {} {}, eos [{}], add_bos {}, chat template {}",
             self.vocab_size(),
-            self.bos_id
-                .map(|i| i.to_string())
-                .unwrap_or_else(|| "-".into()),
+            self.bos_id.map(|i| i.to_string()).unwrap_or_else(|| "-".into()),
             name(self.bos_id),
             eos.join(", "),
             self.add_bos,
-            if self.chat_template.is_some() {
-                "yes"
-            } else {
-                "no"
-            }
+            if self.chat_template.is_some() { "yes" } else { "no" }
         )
     }
 }
@@ -165,44 +140,26 @@ impl ModelTokenizer {
 /// Builds the tokenizer described by a GGUF file's `tokenizer.ggml.*` metadata.
 pub fn from_gguf(file: &GgufFile) -> Result<ModelTokenizer, LoadError> {
     let path = file.path();
-    let err = |reason: String| LoadError::Tokenizer {
-        path: path.to_path_buf(),
-        reason,
-    };
+    let err = |reason: String| LoadError::Tokenizer { path: path.to_path_buf(), reason };
     let model = file
         .get("tokenizer.ggml.model")
         .and_then(Value::as_str)
-        .ok_or_else(|| {
-            err("tokenizer.ggml.model is missing: the file carries no tokenizer".into())
-        })?;
-    let tokens: Vec<&str> = string_array(file, "tokenizer.ggml.tokens")?
-        .ok_or_else(|| err("tokenizer.ggml.tokens is missing".into()))?;
-    let types: Vec<i64> = match file
-        .get("tokenizer.ggml.token_type")
-        .and_then(Value::as_array)
-    {
-        Some(a) => a
-            .iter()
-            .map(|v| v.as_i64().unwrap_or(TYPE_NORMAL))
-            .collect(),
+        .ok_or_else(|| err("tokenizer.ggml.model is missing: the file carries no tokenizer".into()))?;
+    let tokens: Vec<&str> =
+        string_array(file, "tokenizer.ggml.tokens")?.ok_or_else(|| err("tokenizer.ggml.tokens is missing".into()))?;
+    let types: Vec<i64> = match file.get("tokenizer.ggml.token_type").and_then(Value::as_array) {
+        Some(a) => a.iter().map(|v| v.as_i64().unwrap_or(TYPE_NORMAL)).collect(),
         None => vec![TYPE_NORMAL; tokens.len()],
     };
     if types.len() != tokens.len() {
-        return Err(err(format!(
-            "tokenizer.ggml.token_type has {} entries for {} tokens",
-            types.len(),
-            tokens.len()
-        )));
+        return Err(err(format!("tokenizer.ggml.token_type has {} entries for {} tokens", types.len(), tokens.len())));
     }
     let id = |key: &str| -> Result<Option<u32>, LoadError> {
         match file.get(key) {
             None => Ok(None),
             Some(v) => match v.as_u64() {
                 Some(i) if (i as usize) < tokens.len() => Ok(Some(i as u32)),
-                _ => Err(err(format!(
-                    "{key} = {v} is not a token id below {}",
-                    tokens.len()
-                ))),
+                _ => Err(err(format!("{key} = {v} is not a token id below {}", tokens.len()))),
             },
         }
     };
@@ -215,40 +172,23 @@ pub fn from_gguf(file: &GgufFile) -> Result<ModelTokenizer, LoadError> {
 
     let spec = match model {
         "gpt2" => {
-            let pre = file
-                .get("tokenizer.ggml.pre")
-                .and_then(Value::as_str)
-                .unwrap_or("default");
-            let merges = string_array(file, "tokenizer.ggml.merges")?.ok_or_else(|| {
-                err("tokenizer.ggml.merges is missing (needed for a gpt2 vocabulary)".into())
-            })?;
+            let pre = file.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
+            let merges = string_array(file, "tokenizer.ggml.merges")?
+                .ok_or_else(|| err("tokenizer.ggml.merges is missing (needed for a gpt2 vocabulary)".into()))?;
             byte_level_bpe(&tokens, &merges, pre).map_err(err)?
         }
         "llama" => {
-            let scores: Vec<f32> = match file.get("tokenizer.ggml.scores").and_then(Value::as_array)
-            {
+            let scores: Vec<f32> = match file.get("tokenizer.ggml.scores").and_then(Value::as_array) {
                 Some(a) => a.iter().map(|v| v.as_f64().unwrap_or(0.0) as f32).collect(),
-                None => {
-                    return Err(err(
-                        "tokenizer.ggml.scores is missing (needed for a llama vocabulary)".into(),
-                    ))
-                }
+                None => return Err(err("tokenizer.ggml.scores is missing (needed for a llama vocabulary)".into())),
             };
             if scores.len() != tokens.len() {
-                return Err(err(format!(
-                    "{} scores for {} tokens",
-                    scores.len(),
-                    tokens.len()
-                )));
+                return Err(err(format!("{} scores for {} tokens", scores.len(), tokens.len())));
             }
             let add_space_prefix = flag("tokenizer.ggml.add_space_prefix").unwrap_or(true);
             sentencepiece_bpe(&tokens, &scores, &types, unk, add_space_prefix)
         }
-        other => {
-            return Err(err(format!(
-                "tokenizer.ggml.model {other:?} is not supported (gpt2, llama are)"
-            )))
-        }
+        other => return Err(err(format!("tokenizer.ggml.model {other:?} is not supported (gpt2, llama are)"))),
     };
     let added: Vec<Json> = tokens
         .iter()
@@ -283,10 +223,7 @@ pub fn from_gguf(file: &GgufFile) -> Result<ModelTokenizer, LoadError> {
     let inner = Tokenizer::from_str(&doc.to_string()).map_err(|e| err(e.to_string()))?;
     let mut eos_ids: Vec<u32> = eos.into_iter().chain(eot).collect();
     eos_ids.dedup();
-    let chat_template = file
-        .get("tokenizer.chat_template")
-        .and_then(Value::as_str)
-        .map(str::to_string);
+    let chat_template = file.get("tokenizer.chat_template").and_then(Value::as_str).map(str::to_string);
     Ok(ModelTokenizer::new(inner, bos, eos_ids, chat_template))
 }
 
@@ -298,15 +235,10 @@ pub fn from_file(
     chat_template: Option<String>,
 ) -> Result<ModelTokenizer, LoadError> {
     if !path.is_file() {
-        return Err(LoadError::Tokenizer {
-            path: path.to_path_buf(),
-            reason: "file not found".into(),
-        });
+        return Err(LoadError::Tokenizer { path: path.to_path_buf(), reason: "file not found".into() });
     }
-    let inner = Tokenizer::from_file(path).map_err(|e| LoadError::Tokenizer {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
+    let inner = Tokenizer::from_file(path)
+        .map_err(|e| LoadError::Tokenizer { path: path.to_path_buf(), reason: e.to_string() })?;
     Ok(ModelTokenizer::new(inner, bos_id, eos_ids, chat_template))
 }
 
@@ -319,10 +251,7 @@ fn string_array<'a>(file: &'a GgufFile, key: &str) -> Result<Option<Vec<&'a str>
         reason: format!("{key} is not an array of strings"),
     };
     let arr = v.as_array().ok_or_else(bad)?;
-    arr.iter()
-        .map(|v| v.as_str().ok_or_else(bad))
-        .collect::<Result<Vec<_>, _>>()
-        .map(Some)
+    arr.iter().map(|v| v.as_str().ok_or_else(bad)).collect::<Result<Vec<_>, _>>().map(Some)
 }
 
 /// The parts of a `tokenizer.json` that differ between vocabulary kinds.
@@ -353,14 +282,12 @@ fn byte_level_bpe(tokens: &[&str], merges: &[&str], pre: &str) -> Result<Spec, S
                 {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
             false,
         ),
-        "llama-bpe" | "llama3" => (
-            json!({"type": "Sequence", "pretokenizers": [split(LLAMA3_PATTERN), byte_level(false)]}),
-            true,
-        ),
-        "qwen2" | "deepseek-r1-qwen" => (
-            json!({"type": "Sequence", "pretokenizers": [split(QWEN2_PATTERN), byte_level(false)]}),
-            false,
-        ),
+        "llama-bpe" | "llama3" => {
+            (json!({"type": "Sequence", "pretokenizers": [split(LLAMA3_PATTERN), byte_level(false)]}), true)
+        }
+        "qwen2" | "deepseek-r1-qwen" => {
+            (json!({"type": "Sequence", "pretokenizers": [split(QWEN2_PATTERN), byte_level(false)]}), false)
+        }
         other => {
             return Err(format!(
                 "tokenizer.ggml.pre {other:?} is not supported (gpt-2, smollm, llama-bpe, qwen2 and their aliases are)"
@@ -369,9 +296,9 @@ fn byte_level_bpe(tokens: &[&str], merges: &[&str], pre: &str) -> Result<Spec, S
     };
     let mut pairs = Vec::with_capacity(merges.len());
     for (i, m) in merges.iter().enumerate() {
-        let (a, b) = m.split_once(' ').ok_or_else(|| {
-            format!("tokenizer.ggml.merges[{i}] = {m:?} is not two pieces separated by a space")
-        })?;
+        let (a, b) = m
+            .split_once(' ')
+            .ok_or_else(|| format!("tokenizer.ggml.merges[{i}] = {m:?} is not two pieces separated by a space"))?;
         pairs.push(json!([a, b]));
     }
     Ok(Spec {
@@ -387,12 +314,7 @@ fn byte_level_bpe(tokens: &[&str], merges: &[&str], pre: &str) -> Result<Spec, S
 /// Merges of a SentencePiece vocabulary: every split of a normal piece into two pieces
 /// that are both in the vocabulary, ranked by the merged piece's score (highest first).
 pub fn sentencepiece_merges(tokens: &[&str], scores: &[f32], types: &[i64]) -> Vec<(u32, u32)> {
-    let index: HashMap<&str, u32> = tokens
-        .iter()
-        .enumerate()
-        .rev()
-        .map(|(i, t)| (*t, i as u32))
-        .collect();
+    let index: HashMap<&str, u32> = tokens.iter().enumerate().rev().map(|(i, t)| (*t, i as u32)).collect();
     let mut merges: Vec<(f32, u32, u32, u32)> = Vec::new();
     for (id, piece) in tokens.iter().enumerate() {
         if types[id] != TYPE_NORMAL {
@@ -404,22 +326,11 @@ pub fn sentencepiece_merges(tokens: &[&str], scores: &[f32], types: &[i64]) -> V
             }
         }
     }
-    merges.sort_by(|a, b| {
-        b.0.total_cmp(&a.0)
-            .then(a.1.cmp(&b.1))
-            .then(a.2.cmp(&b.2))
-            .then(a.3.cmp(&b.3))
-    });
+    merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)).then(a.3.cmp(&b.3)));
     merges.into_iter().map(|(_, _, l, r)| (l, r)).collect()
 }
 
-fn sentencepiece_bpe(
-    tokens: &[&str],
-    scores: &[f32],
-    types: &[i64],
-    unk: Option<u32>,
-    add_space_prefix: bool,
-) -> Spec {
+fn sentencepiece_bpe(tokens: &[&str], scores: &[f32], types: &[i64], unk: Option<u32>, add_space_prefix: bool) -> Spec {
     let merges: Vec<Json> = sentencepiece_merges(tokens, scores, types)
         .into_iter()
         .map(|(l, r)| json!([tokens[l as usize], tokens[r as usize]]))
@@ -460,11 +371,7 @@ pub struct TextStream {
 
 impl TextStream {
     /// The text `id` adds, if any can be shown yet.
-    pub fn step(
-        &mut self,
-        tokenizer: &ModelTokenizer,
-        id: u32,
-    ) -> Result<Option<String>, TokenizerError> {
+    pub fn step(&mut self, tokenizer: &ModelTokenizer, id: u32) -> Result<Option<String>, TokenizerError> {
         tokenizers::step_decode_stream(
             tokenizer.inner(),
             vec![id],
@@ -473,9 +380,7 @@ impl TextStream {
             &mut self.prefix,
             &mut self.prefix_index,
         )
-        .map_err(|e| TokenizerError {
-            reason: e.to_string(),
-        })
+        .map_err(|e| TokenizerError { reason: e.to_string() })
     }
 }
 
@@ -524,12 +429,7 @@ mod tests {
         let doc = json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
             "normalizer": spec.normalizer, "pre_tokenizer": spec.pre_tokenizer, "post_processor": null,
             "decoder": spec.decoder, "model": spec.model});
-        let tok = ModelTokenizer::new(
-            Tokenizer::from_str(&doc.to_string()).expect("builds"),
-            Some(1),
-            vec![2],
-            None,
-        );
+        let tok = ModelTokenizer::new(Tokenizer::from_str(&doc.to_string()).expect("builds"), Some(1), vec![2], None);
         let ids = tok.encode("hello z").expect("encodes");
         assert_eq!(ids, [id("▁hello"), id("▁"), id("<0x7A>")]);
         assert_eq!(tok.decode(&ids).expect("decodes"), "hello z");
@@ -537,12 +437,7 @@ mod tests {
 
     #[test]
     fn unknown_pre_tokenizer_is_named() {
-        let err = byte_level_bpe(&["a"], &[], "mystery")
-            .err()
-            .expect("refused");
-        assert!(
-            err.contains("tokenizer.ggml.pre \"mystery\" is not supported"),
-            "{err}"
-        );
+        let err = byte_level_bpe(&["a"], &[], "mystery").err().expect("refused");
+        assert!(err.contains("tokenizer.ggml.pre \"mystery\" is not supported"), "{err}");
     }
 }

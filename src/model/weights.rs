@@ -153,17 +153,12 @@ impl Weights {
                 reason: format!("tensor {name}: {e}"),
             })
         };
-        let linear =
-            |prefix: &str, out: usize, inp: usize, bias: bool| -> Result<Linear, LoadError> {
-                Ok(Linear {
-                    weight: mat(&format!("{prefix}.weight"), out, inp)?,
-                    bias: if bias {
-                        Some(vec(&format!("{prefix}.bias"), out)?)
-                    } else {
-                        None
-                    },
-                })
-            };
+        let linear = |prefix: &str, out: usize, inp: usize, bias: bool| -> Result<Linear, LoadError> {
+            Ok(Linear {
+                weight: mat(&format!("{prefix}.weight"), out, inp)?,
+                bias: if bias { Some(vec(&format!("{prefix}.bias"), out)?) } else { None },
+            })
+        };
         let mut layers = Vec::with_capacity(config.num_layers);
         for i in 0..config.num_layers {
             let p = format!("model.layers.{i}");
@@ -180,11 +175,8 @@ impl Weights {
                 down_proj: linear(&format!("{p}.mlp.down_proj"), h, inter, false)?,
             });
         }
-        let lm_head = if config.tie_word_embeddings {
-            None
-        } else {
-            Some(mat("lm_head.weight", config.vocab_size, h)?)
-        };
+        let lm_head =
+            if config.tie_word_embeddings { None } else { Some(mat("lm_head.weight", config.vocab_size, h)?) };
         Ok(Weights {
             embed_tokens: mat("model.embed_tokens.weight", config.vocab_size, h)?,
             layers,
@@ -195,10 +187,9 @@ impl Weights {
 }
 
 fn required(src: &dyn TensorSource, name: &str, shape: &[usize]) -> Result<Vec<f32>, LoadError> {
-    let (actual, data) = src.tensor(name)?.ok_or_else(|| LoadError::MissingTensor {
-        path: src.path().to_path_buf(),
-        tensor: name.to_string(),
-    })?;
+    let (actual, data) = src
+        .tensor(name)?
+        .ok_or_else(|| LoadError::MissingTensor { path: src.path().to_path_buf(), tensor: name.to_string() })?;
     if actual != shape {
         return Err(LoadError::ShapeMismatch {
             path: src.path().to_path_buf(),

@@ -12,11 +12,7 @@ pub fn smollm2() -> &'static Model {
     static MODEL: OnceLock<Model> = OnceLock::new();
     MODEL.get_or_init(|| {
         let path = default_model_path();
-        assert!(
-            path.is_file(),
-            "{} is missing: run `make setup` (or `make test`) first",
-            path.display()
-        );
+        assert!(path.is_file(), "{} is missing: run `make setup` (or `make test`) first", path.display());
         Model::load(&path).expect("SmolLM2 loads")
     })
 }
@@ -47,8 +43,7 @@ impl GgufWriter {
 
     /// A tensor of GGML type `ty`; `dims` fastest first (GGML order).
     pub fn tensor(&mut self, name: &str, dims: &[u64], ty: u32, data: Vec<u8>) -> &mut Self {
-        self.tensors
-            .push((name.to_string(), dims.to_vec(), ty, data));
+        self.tensors.push((name.to_string(), dims.to_vec(), ty, data));
         self
     }
 
@@ -96,17 +91,13 @@ impl GgufWriter {
                     b.extend_from_slice(&9u32.to_le_bytes());
                     b.extend_from_slice(&6u32.to_le_bytes());
                     b.extend_from_slice(&(items.len() as u64).to_le_bytes());
-                    items
-                        .iter()
-                        .for_each(|v| b.extend_from_slice(&v.to_le_bytes()));
+                    items.iter().for_each(|v| b.extend_from_slice(&v.to_le_bytes()));
                 }
                 Meta::I32s(items) => {
                     b.extend_from_slice(&9u32.to_le_bytes());
                     b.extend_from_slice(&5u32.to_le_bytes());
                     b.extend_from_slice(&(items.len() as u64).to_le_bytes());
-                    items
-                        .iter()
-                        .for_each(|v| b.extend_from_slice(&v.to_le_bytes()));
+                    items.iter().for_each(|v| b.extend_from_slice(&v.to_le_bytes()));
                 }
             }
         }
@@ -115,8 +106,7 @@ impl GgufWriter {
         for (name, dims, ty, data) in &self.tensors {
             put_str(&mut b, name);
             b.extend_from_slice(&(dims.len() as u32).to_le_bytes());
-            dims.iter()
-                .for_each(|d| b.extend_from_slice(&d.to_le_bytes()));
+            dims.iter().for_each(|d| b.extend_from_slice(&d.to_le_bytes()));
             b.extend_from_slice(&ty.to_le_bytes());
             b.extend_from_slice(&offset.to_le_bytes());
             offsets.push(offset);
@@ -174,8 +164,7 @@ pub type Tensors = std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>;
 /// GPT-2's byte → printable character map (bytes that print as themselves keep their
 /// code point; the rest move to 256 + n).
 pub fn byte_chars() -> Vec<char> {
-    let printable =
-        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
     let mut extra = 0;
     (0..256u32)
         .map(|b| {
@@ -199,11 +188,7 @@ pub fn tiny_vocab() -> (Vec<String>, Vec<String>, Vec<i32>) {
     tokens.push("<|endoftext|>".into());
     let mut types = vec![1; tokens.len()];
     *types.last_mut().expect("non-empty") = 3;
-    (
-        tokens,
-        merges.iter().map(|m| m.to_string()).collect(),
-        types,
-    )
+    (tokens, merges.iter().map(|m| m.to_string()).collect(), types)
 }
 
 pub fn tiny_vocab_size() -> usize {
@@ -218,11 +203,8 @@ pub fn tiny_tensors(spec: TinySpec, seed: u64) -> Tensors {
     let mut t = Tensors::new();
     let mut add = |name: String, shape: Vec<usize>, scale: f32, offset: f32| {
         let n = shape.iter().product();
-        let data = (0..n)
-            .map(|_| {
-                half::bf16::from_f32(offset + scale * (rng.random::<f32>() * 2.0 - 1.0)).to_f32()
-            })
-            .collect();
+        let data =
+            (0..n).map(|_| half::bf16::from_f32(offset + scale * (rng.random::<f32>() * 2.0 - 1.0)).to_f32()).collect();
         t.insert(name, (shape, data));
     };
     let (h, v) = (TINY_HIDDEN, tiny_vocab_size());
@@ -232,48 +214,18 @@ pub fn tiny_tensors(spec: TinySpec, seed: u64) -> Tensors {
         let p = format!("model.layers.{i}");
         add(format!("{p}.input_layernorm.weight"), vec![h], 0.2, 1.0);
         add(format!("{p}.self_attn.q_proj.weight"), vec![q, h], 0.3, 0.0);
-        add(
-            format!("{p}.self_attn.k_proj.weight"),
-            vec![kv, h],
-            0.3,
-            0.0,
-        );
-        add(
-            format!("{p}.self_attn.v_proj.weight"),
-            vec![kv, h],
-            0.3,
-            0.0,
-        );
+        add(format!("{p}.self_attn.k_proj.weight"), vec![kv, h], 0.3, 0.0);
+        add(format!("{p}.self_attn.v_proj.weight"), vec![kv, h], 0.3, 0.0);
         if spec.bias {
             add(format!("{p}.self_attn.q_proj.bias"), vec![q], 0.5, 0.0);
             add(format!("{p}.self_attn.k_proj.bias"), vec![kv], 0.5, 0.0);
             add(format!("{p}.self_attn.v_proj.bias"), vec![kv], 0.5, 0.0);
         }
         add(format!("{p}.self_attn.o_proj.weight"), vec![h, q], 0.2, 0.0);
-        add(
-            format!("{p}.post_attention_layernorm.weight"),
-            vec![h],
-            0.2,
-            1.0,
-        );
-        add(
-            format!("{p}.mlp.gate_proj.weight"),
-            vec![TINY_FFN, h],
-            0.2,
-            0.0,
-        );
-        add(
-            format!("{p}.mlp.up_proj.weight"),
-            vec![TINY_FFN, h],
-            0.2,
-            0.0,
-        );
-        add(
-            format!("{p}.mlp.down_proj.weight"),
-            vec![h, TINY_FFN],
-            0.2,
-            0.0,
-        );
+        add(format!("{p}.post_attention_layernorm.weight"), vec![h], 0.2, 1.0);
+        add(format!("{p}.mlp.gate_proj.weight"), vec![TINY_FFN, h], 0.2, 0.0);
+        add(format!("{p}.mlp.up_proj.weight"), vec![TINY_FFN, h], 0.2, 0.0);
+        add(format!("{p}.mlp.down_proj.weight"), vec![h, TINY_FFN], 0.2, 0.0);
     }
     add("model.norm.weight".into(), vec![h], 0.2, 1.0);
     if !spec.tied {
@@ -301,55 +253,26 @@ pub fn permute_rotary_rows(data: &[f32], heads: usize, head_dim: usize, cols: us
 /// A GGUF image of `tensors` as llama.cpp's converter writes it (Q/K rows permuted for
 /// `llama`), with the tiny byte-level tokenizer. `skip` names GGUF tensors to leave out.
 pub fn tiny_gguf(spec: TinySpec, tensors: &Tensors, skip: &[&str]) -> GgufWriter {
-    let arch = if spec.class == "Qwen2ForCausalLM" {
-        "qwen2"
-    } else {
-        "llama"
-    };
+    let arch = if spec.class == "Qwen2ForCausalLM" { "qwen2" } else { "llama" };
     let (tokens, merges, types) = tiny_vocab();
     let mut w = GgufWriter::default();
     w.meta("general.architecture", Meta::Str(arch.into()))
         .meta(&format!("{arch}.context_length"), Meta::U32(64))
-        .meta(
-            &format!("{arch}.embedding_length"),
-            Meta::U32(TINY_HIDDEN as u32),
-        )
-        .meta(
-            &format!("{arch}.block_count"),
-            Meta::U32(TINY_LAYERS as u32),
-        )
-        .meta(
-            &format!("{arch}.feed_forward_length"),
-            Meta::U32(TINY_FFN as u32),
-        )
-        .meta(
-            &format!("{arch}.attention.head_count"),
-            Meta::U32(TINY_HEADS as u32),
-        )
-        .meta(
-            &format!("{arch}.attention.head_count_kv"),
-            Meta::U32(TINY_KV_HEADS as u32),
-        )
-        .meta(
-            &format!("{arch}.rope.freq_base"),
-            Meta::F32(TINY_ROPE_THETA),
-        )
-        .meta(
-            &format!("{arch}.attention.layer_norm_rms_epsilon"),
-            Meta::F32(TINY_EPS),
-        )
+        .meta(&format!("{arch}.embedding_length"), Meta::U32(TINY_HIDDEN as u32))
+        .meta(&format!("{arch}.block_count"), Meta::U32(TINY_LAYERS as u32))
+        .meta(&format!("{arch}.feed_forward_length"), Meta::U32(TINY_FFN as u32))
+        .meta(&format!("{arch}.attention.head_count"), Meta::U32(TINY_HEADS as u32))
+        .meta(&format!("{arch}.attention.head_count_kv"), Meta::U32(TINY_KV_HEADS as u32))
+        .meta(&format!("{arch}.rope.freq_base"), Meta::F32(TINY_ROPE_THETA))
+        .meta(&format!("{arch}.attention.layer_norm_rms_epsilon"), Meta::F32(TINY_EPS))
         .meta("tokenizer.ggml.model", Meta::Str("gpt2".into()))
         .meta("tokenizer.ggml.pre", Meta::Str("gpt-2".into()))
         .meta("tokenizer.ggml.tokens", Meta::Strs(tokens.clone()))
         .meta("tokenizer.ggml.token_type", Meta::I32s(types))
         .meta("tokenizer.ggml.merges", Meta::Strs(merges))
-        .meta(
-            "tokenizer.ggml.eos_token_id",
-            Meta::U32(tokens.len() as u32 - 1),
-        );
+        .meta("tokenizer.ggml.eos_token_id", Meta::U32(tokens.len() as u32 - 1));
     for (name, (shape, data)) in tensors {
-        let gguf =
-            kiln::model::weights::gguf_name(name).expect("every tiny tensor has a GGUF name");
+        let gguf = kiln::model::weights::gguf_name(name).expect("every tiny tensor has a GGUF name");
         if skip.contains(&gguf.as_str()) {
             continue;
         }
@@ -415,44 +338,26 @@ pub fn write_hf_dir(dir: &Path, spec: TinySpec, tensors: &Tensors, storage: Stor
     let encode = |data: &[f32]| -> Vec<u8> {
         match storage {
             Storage::SingleF32 => data.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            Storage::ShardedBf16 => data
-                .iter()
-                .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
-                .collect(),
+            Storage::ShardedBf16 => data.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect(),
         }
     };
-    let dtype = if storage == Storage::SingleF32 {
-        Dtype::F32
-    } else {
-        Dtype::BF16
-    };
+    let dtype = if storage == Storage::SingleF32 { Dtype::F32 } else { Dtype::BF16 };
     type Encoded = (String, Vec<usize>, Vec<u8>);
-    let bytes: Vec<Encoded> = tensors
-        .iter()
-        .map(|(n, (shape, data))| (n.clone(), shape.clone(), encode(data)))
-        .collect();
+    let bytes: Vec<Encoded> =
+        tensors.iter().map(|(n, (shape, data))| (n.clone(), shape.clone(), encode(data))).collect();
     let shards: Vec<(String, Vec<&Encoded>)> = match storage {
         Storage::SingleF32 => vec![("model.safetensors".into(), bytes.iter().collect())],
         Storage::ShardedBf16 => {
-            let (a, b): (Vec<_>, Vec<_>) = bytes
-                .iter()
-                .partition(|(n, _, _)| n.contains("layers.0") || n.contains("embed"));
-            vec![
-                ("model-00001-of-00002.safetensors".into(), a),
-                ("model-00002-of-00002.safetensors".into(), b),
-            ]
+            let (a, b): (Vec<_>, Vec<_>) =
+                bytes.iter().partition(|(n, _, _)| n.contains("layers.0") || n.contains("embed"));
+            vec![("model-00001-of-00002.safetensors".into(), a), ("model-00002-of-00002.safetensors".into(), b)]
         }
     };
     let mut weight_map = serde_json::Map::new();
     for (file, items) in &shards {
         let views: Vec<(String, TensorView)> = items
             .iter()
-            .map(|(n, shape, b)| {
-                (
-                    n.clone(),
-                    TensorView::new(dtype, shape.clone(), b).expect("view"),
-                )
-            })
+            .map(|(n, shape, b)| (n.clone(), TensorView::new(dtype, shape.clone(), b).expect("view")))
             .collect();
         for (n, _) in &views {
             weight_map.insert(n.clone(), file.clone().into());
@@ -464,14 +369,9 @@ pub fn write_hf_dir(dir: &Path, spec: TinySpec, tensors: &Tensors, storage: Stor
         std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).expect("index");
     }
     let vocab_only = tiny_gguf(spec, &Tensors::new(), &[]).to_bytes();
-    let file = kiln::model::gguf::GgufFile::from_bytes(Path::new("vocab.gguf"), vocab_only)
-        .expect("parses");
+    let file = kiln::model::gguf::GgufFile::from_bytes(Path::new("vocab.gguf"), vocab_only).expect("parses");
     let tokenizer = kiln::model::tokenizer::from_gguf(&file).expect("tiny tokenizer builds");
-    std::fs::write(
-        dir.join("tokenizer.json"),
-        tokenizer.to_json().expect("json"),
-    )
-    .expect("tokenizer");
+    std::fs::write(dir.join("tokenizer.json"), tokenizer.to_json().expect("json")).expect("tokenizer");
 }
 
 /// Logits of `ids` computed from the raw tensors with plain scalar loops in f64, no
@@ -481,9 +381,7 @@ pub fn naive_logits(spec: TinySpec, t: &Tensors, ids: &[u32]) -> Vec<Vec<f64>> {
     let (hd, heads, kvh) = (TINY_HEAD_DIM, TINY_HEADS, TINY_KV_HEADS);
     let matvec = |w: &[f32], x: &[f64], rows: usize| -> Vec<f64> {
         let cols = x.len();
-        (0..rows)
-            .map(|r| (0..cols).map(|c| w[r * cols + c] as f64 * x[c]).sum())
-            .collect()
+        (0..rows).map(|r| (0..cols).map(|c| w[r * cols + c] as f64 * x[c]).sum()).collect()
     };
     let norm = |x: &[f64], w: &[f32]| -> Vec<f64> {
         let ms = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
@@ -503,21 +401,14 @@ pub fn naive_logits(spec: TinySpec, t: &Tensors, ids: &[u32]) -> Vec<Vec<f64>> {
     let h = TINY_HIDDEN;
     let mut x: Vec<Vec<f64>> = ids
         .iter()
-        .map(|&id| {
-            get("model.embed_tokens.weight")[id as usize * h..][..h]
-                .iter()
-                .map(|&v| v as f64)
-                .collect()
-        })
+        .map(|&id| get("model.embed_tokens.weight")[id as usize * h..][..h].iter().map(|&v| v as f64).collect())
         .collect();
     for l in 0..TINY_LAYERS {
         let p = format!("model.layers.{l}");
         let proj = |name: &str, inp: &[f64], rows: usize| {
             let mut y = matvec(get(&format!("{p}.{name}.weight")), inp, rows);
             if spec.bias && name != "self_attn.o_proj" && name.starts_with("self_attn") {
-                y.iter_mut()
-                    .zip(get(&format!("{p}.{name}.bias")))
-                    .for_each(|(y, b)| *y += *b as f64);
+                y.iter_mut().zip(get(&format!("{p}.{name}.bias"))).for_each(|(y, b)| *y += *b as f64);
             }
             y
         };
@@ -536,16 +427,11 @@ pub fn naive_logits(spec: TinySpec, t: &Tensors, ids: &[u32]) -> Vec<Vec<f64>> {
             let mut attn = vec![0f64; heads * hd];
             for head in 0..heads {
                 let g = head / (heads / kvh);
-                let visible: Vec<usize> = (0..=t)
-                    .filter(|&s| spec.sliding_window.is_none_or(|w| t - s < w))
-                    .collect();
+                let visible: Vec<usize> = (0..=t).filter(|&s| spec.sliding_window.is_none_or(|w| t - s < w)).collect();
                 let scores: Vec<f64> = visible
                     .iter()
                     .map(|&s| {
-                        (0..hd)
-                            .map(|d| qs[t][head * hd + d] * ks[s][g * hd + d])
-                            .sum::<f64>()
-                            / (hd as f64).sqrt()
+                        (0..hd).map(|d| qs[t][head * hd + d] * ks[s][g * hd + d]).sum::<f64>() / (hd as f64).sqrt()
                     })
                     .collect();
                 let max = scores.iter().cloned().fold(f64::MIN, f64::max);
@@ -562,21 +448,11 @@ pub fn naive_logits(spec: TinySpec, t: &Tensors, ids: &[u32]) -> Vec<Vec<f64>> {
             let hn = norm(&x[t], get(&format!("{p}.post_attention_layernorm.weight")));
             let gate = proj("mlp.gate_proj", &hn, TINY_FFN);
             let up = proj("mlp.up_proj", &hn, TINY_FFN);
-            let act: Vec<f64> = gate
-                .iter()
-                .zip(&up)
-                .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
-                .collect();
+            let act: Vec<f64> = gate.iter().zip(&up).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
             let down = proj("mlp.down_proj", &act, h);
             x[t].iter_mut().zip(&down).for_each(|(a, b)| *a += b);
         }
     }
-    let head = if spec.tied {
-        get("model.embed_tokens.weight")
-    } else {
-        get("lm_head.weight")
-    };
-    x.iter()
-        .map(|xt| matvec(head, &norm(xt, get("model.norm.weight")), tiny_vocab_size()))
-        .collect()
+    let head = if spec.tied { get("model.embed_tokens.weight") } else { get("lm_head.weight") };
+    x.iter().map(|xt| matvec(head, &norm(xt, get("model.norm.weight")), tiny_vocab_size())).collect()
 }

@@ -1,0 +1,287 @@
+//! `kiln export`: recipe → artifact directory, written atomically.
+//!
+//! The artifact is built in a temporary directory beside the output and renamed into
+//! place only when every file is complete and synced, so a failed export (bad tensor,
+//! full disk, interrupted write) leaves the previous artifact, or nothing, behind.
+//! An artifact whose manifest carries the same build hash (kiln version and executable,
+//! recipe, source sha256) is up to date and skipped.
+
+use std::fs::File;
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use sha2::{Digest, Sha256};
+
+use super::decoder::{self, DecoderSource, TensorReport};
+use super::manifest::{self, IoSpec, Manifest, Sizes, SourceInfo, TokenizerInfo};
+use super::recipe::{Recipe, DEFAULT_MAX_CONTEXT};
+use super::ExportError;
+use crate::model::{default_model_path, Model, SourceKind};
+
+/// How to run an export.
+#[derive(Debug, Clone, Default)]
+pub struct ExportOptions {
+    /// Rebuild even when the artifact is up to date.
+    pub force: bool,
+    /// Write here instead of the recipe's output.
+    pub output: Option<PathBuf>,
+}
+
+/// What an export did.
+#[derive(Debug)]
+pub enum ExportOutcome {
+    /// A new artifact was written.
+    Built {
+        /// Artifact directory.
+        dir: PathBuf,
+        /// Its manifest.
+        manifest: Box<Manifest>,
+        /// Wall time of the export.
+        seconds: f64,
+    },
+    /// The artifact was already up to date.
+    UpToDate {
+        /// Artifact directory.
+        dir: PathBuf,
+    },
+}
+
+/// Progress events of an export, for a progress bar.
+pub trait Progress {
+    /// The export will store `total` weight matrices.
+    fn start(&mut self, total: usize);
+    /// One matrix was stored.
+    fn tensor(&mut self, report: &TensorReport);
+}
+
+/// Progress that shows nothing.
+pub struct Quiet;
+
+impl Progress for Quiet {
+    fn start(&mut self, _: usize) {}
+    fn tensor(&mut self, _: &TensorReport) {}
+}
+
+/// Exports the recipe at `recipe_path`.
+pub fn export_recipe(
+    recipe_path: &Path,
+    opts: &ExportOptions,
+    progress: &mut dyn Progress,
+) -> Result<ExportOutcome, ExportError> {
+    let recipe = Recipe::load(recipe_path)?;
+    let name = recipe_path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .ok_or_else(|| ExportError::Recipe { path: recipe_path.into(), reason: "file name is not valid UTF-8".into() })?
+        .to_string();
+    let out = match (&opts.output, &recipe.output) {
+        (Some(o), _) | (None, Some(o)) => o.clone(),
+        (None, None) => recipe_path.parent().unwrap_or(Path::new(".")).join("out").join(&name),
+    };
+    let source = if recipe.source == "default" { default_model_path() } else { PathBuf::from(&recipe.source) };
+    export(&recipe, &name, &source, &out, opts.force, progress)
+}
+
+/// Exports `recipe` (named `name`) from `source` into `out`.
+pub fn export(
+    recipe: &Recipe,
+    name: &str,
+    source: &Path,
+    out: &Path,
+    force: bool,
+    progress: &mut dyn Progress,
+) -> Result<ExportOutcome, ExportError> {
+    let t0 = Instant::now();
+    let source_sha = hash_source(source)?;
+    let build_hash = build_hash(recipe, &source_sha)?;
+    if !force && up_to_date(out, &build_hash) {
+        return Ok(ExportOutcome::UpToDate { dir: out.to_path_buf() });
+    }
+    let model = Model::load(source)?;
+    let mut config = model.config.clone();
+    if let Some(n) = recipe.layers {
+        if n > config.num_layers {
+            return Err(ExportError::Recipe {
+                path: PathBuf::from(name),
+                reason: format!("layers = {n}, but the model has {}", config.num_layers),
+            });
+        }
+        config.num_layers = n;
+    }
+    let max_context = recipe.max_context.unwrap_or(config.max_position_embeddings.min(DEFAULT_MAX_CONTEXT));
+    progress.start(2 + 7 * config.num_layers);
+    let src = DecoderSource { config: &config, weights: &model.weights, max_context };
+    let (graph, tensors) = decoder::build(&src, &|n| recipe.scheme_for(n), &mut |r| progress.tensor(r))?;
+
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).map_err(|source| ExportError::Io { path: parent.clone(), source })?;
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}.tmp-"))
+        .tempdir_in(&parent)
+        .map_err(|source| ExportError::Io { path: parent.clone(), source })?;
+    let (graph_path, data_path) = (tmp.path().join(manifest::MODEL_FILE), tmp.path().join(manifest::DATA_FILE));
+    let (mut graph_out, mut data_out) = (SyncedFile::create(&graph_path)?, SyncedFile::create(&data_path)?);
+    let written = graph
+        .write(name, manifest::DATA_FILE, &mut graph_out.writer, &mut data_out.writer)
+        .map_err(|source| ExportError::Io { path: tmp.path().to_path_buf(), source })?;
+    graph_out.finish()?;
+    data_out.finish()?;
+    let tok_json = model.tokenizer.to_json().map_err(|e| ExportError::Internal(e.to_string()))?;
+    write_file(&tmp.path().join(manifest::TOKENIZER_FILE), tok_json.as_bytes())?;
+    let manifest = Manifest {
+        format_version: manifest::FORMAT_VERSION,
+        kiln_version: env!("CARGO_PKG_VERSION").into(),
+        name: name.into(),
+        build_hash,
+        source: SourceInfo {
+            path: source.to_path_buf(),
+            sha256: source_sha,
+            kind: match model.source {
+                SourceKind::Gguf => "gguf".into(),
+                SourceKind::HfDir => "hf-dir".into(),
+            },
+        },
+        config: config.clone(),
+        max_context,
+        recipe: recipe.clone(),
+        io: IoSpec {
+            inputs: decoder::input_names(config.num_layers),
+            outputs: decoder::output_names(config.num_layers),
+            kv_layout: "[batch, kv_heads, past, head_dim]".into(),
+        },
+        tokenizer: TokenizerInfo {
+            bos_id: model.tokenizer.bos_id,
+            eos_ids: model.tokenizer.eos_ids.clone(),
+            add_bos: model.tokenizer.add_bos,
+            chat_template: model.tokenizer.chat_template.clone(),
+            vocab_sha256: model.tokenizer.vocab_sha256(),
+        },
+        tensors,
+        sizes: Sizes {
+            onnx_bytes: written.graph_bytes,
+            data_bytes: written.data_bytes,
+            by_dtype: graph.bytes_by_dtype().into_iter().map(|(d, n)| (format!("{d:?}").to_lowercase(), n)).collect(),
+        },
+    };
+    let json = serde_json::to_string_pretty(&manifest).map_err(|e| ExportError::Internal(e.to_string()))?;
+    write_file(&tmp.path().join(manifest::MANIFEST_FILE), json.as_bytes())?;
+    replace_dir(tmp, out)?;
+    Ok(ExportOutcome::Built { dir: out.to_path_buf(), manifest: Box::new(manifest), seconds: t0.elapsed().as_secs_f64() })
+}
+
+fn up_to_date(out: &Path, build_hash: &str) -> bool {
+    let files = [manifest::MODEL_FILE, manifest::DATA_FILE, manifest::TOKENIZER_FILE];
+    files.iter().all(|f| out.join(f).is_file())
+        && Manifest::read(out).is_ok_and(|m| m.build_hash == build_hash)
+}
+
+/// A file written through a buffer, flushed and synced to disk by [`finish`](Self::finish).
+struct SyncedFile {
+    path: PathBuf,
+    writer: BufWriter<File>,
+}
+
+impl SyncedFile {
+    fn create(path: &Path) -> Result<Self, ExportError> {
+        let file = File::create(path).map_err(|source| ExportError::Io { path: path.to_path_buf(), source })?;
+        Ok(SyncedFile { path: path.to_path_buf(), writer: BufWriter::with_capacity(1 << 20, file) })
+    }
+
+    fn finish(self) -> Result<(), ExportError> {
+        let path = self.path;
+        let file = self.writer.into_inner().map_err(|e| ExportError::Io { path: path.clone(), source: e.into_error() })?;
+        file.sync_all().map_err(|source| ExportError::Io { path, source })
+    }
+}
+
+/// Creates `path` with `bytes`, synced.
+fn write_file(path: &Path, bytes: &[u8]) -> Result<(), ExportError> {
+    let mut f = SyncedFile::create(path)?;
+    f.writer.write_all(bytes).map_err(|source| ExportError::Io { path: path.to_path_buf(), source })?;
+    f.finish()
+}
+
+/// Moves the finished temporary directory to `out`, replacing what was there.
+fn replace_dir(tmp: tempfile::TempDir, out: &Path) -> Result<(), ExportError> {
+    let io = |source| ExportError::Io { path: out.to_path_buf(), source };
+    let staged = tmp.keep();
+    if out.exists() {
+        let old = staged.with_file_name(format!(
+            ".{}.old-{}",
+            out.file_name().and_then(|s| s.to_str()).unwrap_or("artifact"),
+            std::process::id()
+        ));
+        std::fs::rename(out, &old).map_err(io)?;
+        if let Err(e) = std::fs::rename(&staged, out) {
+            // Put the previous artifact back before reporting.
+            let _ = std::fs::rename(&old, out);
+            let _ = std::fs::remove_dir_all(&staged);
+            return Err(io(e));
+        }
+        std::fs::remove_dir_all(&old).map_err(io)?;
+    } else if let Err(e) = std::fs::rename(&staged, out) {
+        let _ = std::fs::remove_dir_all(&staged);
+        return Err(io(e));
+    }
+    Ok(())
+}
+
+/// sha256 of a file, or of every file of a directory (names and contents, in name order).
+pub fn hash_source(path: &Path) -> Result<String, ExportError> {
+    let io = |p: &Path| {
+        let p = p.to_path_buf();
+        move |source| ExportError::Io { path: p, source }
+    };
+    let mut h = Sha256::new();
+    let feed = |p: &Path, h: &mut Sha256| -> Result<(), ExportError> {
+        let mut f = File::open(p).map_err(io(p))?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = f.read(&mut buf).map_err(io(p))?;
+            if n == 0 {
+                return Ok(());
+            }
+            h.update(&buf[..n]);
+        }
+    };
+    if path.is_dir() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(io(path))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file())
+            .collect();
+        files.sort();
+        for f in files {
+            h.update(f.file_name().map(|n| n.as_encoded_bytes()).unwrap_or_default());
+            feed(&f, &mut h)?;
+        }
+    } else {
+        feed(path, &mut h)?;
+    }
+    Ok(hex(&h.finalize()))
+}
+
+fn build_hash(recipe: &Recipe, source_sha: &str) -> Result<String, ExportError> {
+    let recipe_json = serde_json::to_string(recipe).map_err(|e| ExportError::Internal(e.to_string()))?;
+    let mut h = Sha256::new();
+    h.update(env!("CARGO_PKG_VERSION").as_bytes());
+    h.update([0]);
+    // The exporting program itself: a rebuilt kiln rebuilds its artifacts.
+    if let Ok(exe) = std::env::current_exe() {
+        h.update(hash_source(&exe)?.as_bytes());
+    }
+    h.update([0]);
+    h.update(recipe_json.as_bytes());
+    h.update([0]);
+    h.update(source_sha.as_bytes());
+    Ok(hex(&h.finalize()))
+}
+
+/// Lower-case hex of bytes.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,224 @@
+//! Round-to-nearest quantization, with an optional per-group search for the clipping range
+//! that minimizes the squared reconstruction error.
+
+use ndarray::{Array2, ArrayView2};
+use rayon::prelude::*;
+
+use super::{Layout, Quantized, Scheme};
+
+/// Clipping ratios tried by the search: the full range down to half of it.
+const CLIP_STEPS: usize = 20;
+const CLIP_MIN_RATIO: f32 = 0.5;
+
+/// Quantizes `w` `[rows, cols]` with `scheme`; `None` for float precisions.
+///
+/// Symmetric: `scale = absmax / qmax`, codes `round(w / scale)` in `[-qmax - 1, qmax]`.
+/// Asymmetric: the range `[min(w, 0), max(w, 0)]` is spread over `0..=2^bits - 1` with a
+/// zero point, so zero stays exactly representable. Rounding is half-to-even, as ONNX
+/// QuantizeLinear rounds.
+pub fn quantize(w: ArrayView2<f32>, scheme: &Scheme) -> Option<Quantized> {
+    let bits = scheme.precision.bits()?;
+    let (rows, cols) = w.dim();
+    let group = match scheme.layout {
+        Layout::PerTensor => rows * cols,
+        Layout::PerChannel => cols,
+        Layout::Blocked => scheme.block_size.min(cols).max(1),
+    };
+    let groups_per_row = match scheme.layout {
+        Layout::PerTensor => 1,
+        _ => cols.div_ceil(group),
+    };
+    let params = GroupParams { bits, symmetric: scheme.symmetric, clip_search: scheme.clip_search };
+    let data: Vec<f32> = w.iter().copied().collect();
+    let mut codes = vec![0u8; rows * cols];
+    let (scales, zero_points): (Vec<f32>, Vec<u8>) = if scheme.layout == Layout::PerTensor {
+        let (s, z) = params.quantize_group(&data, &mut codes);
+        (vec![s], vec![z])
+    } else {
+        let per_row: Vec<Vec<(f32, u8)>> = data
+            .par_chunks(cols.max(1))
+            .zip(codes.par_chunks_mut(cols.max(1)))
+            .map(|(row, out)| {
+                row.chunks(group).zip(out.chunks_mut(group)).map(|(g, o)| params.quantize_group(g, o)).collect()
+            })
+            .collect();
+        per_row.into_iter().flatten().unzip()
+    };
+    let scale_rows = if scheme.layout == Layout::PerTensor { 1 } else { rows };
+    let shape = (scale_rows, groups_per_row);
+    Some(Quantized {
+        bits,
+        signed: scheme.symmetric,
+        codes: Array2::from_shape_vec((rows, cols), codes).expect("rows × cols codes"),
+        scales: Array2::from_shape_vec(shape, scales).expect("one scale per group"),
+        zero_points: (!scheme.symmetric)
+            .then(|| Array2::from_shape_vec(shape, zero_points).expect("one zero point per group")),
+        layout: scheme.layout,
+        group,
+    })
+}
+
+#[derive(Clone, Copy)]
+struct GroupParams {
+    bits: u32,
+    symmetric: bool,
+    clip_search: bool,
+}
+
+impl GroupParams {
+    /// Quantizes one group into `out`; returns its scale and zero point (0 when symmetric).
+    fn quantize_group(&self, values: &[f32], out: &mut [u8]) -> (f32, u8) {
+        let ratios: Vec<f32> = if self.clip_search {
+            (0..=CLIP_STEPS).map(|k| 1.0 - (1.0 - CLIP_MIN_RATIO) * k as f32 / CLIP_STEPS as f32).collect()
+        } else {
+            vec![1.0]
+        };
+        let mut best = (f32::INFINITY, 0f32, 0u8);
+        for ratio in ratios {
+            let (scale, zp) = self.range(values, ratio);
+            let err: f32 = values
+                .iter()
+                .map(|&v| {
+                    let d = v - self.dequant(self.code(v, scale, zp), scale, zp);
+                    d * d
+                })
+                .sum();
+            if err < best.0 {
+                best = (err, scale, zp);
+            }
+        }
+        let (_, scale, zp) = best;
+        for (o, &v) in out.iter_mut().zip(values) {
+            *o = self.code(v, scale, zp);
+        }
+        (scale, zp)
+    }
+
+    /// Scale and zero point covering `values` shrunk by `ratio`.
+    fn range(&self, values: &[f32], ratio: f32) -> (f32, u8) {
+        let nonzero = |s: f32| if s > 0.0 && s.is_finite() { s } else { 1.0 };
+        if self.symmetric {
+            let qmax = ((1i32 << (self.bits - 1)) - 1) as f32;
+            let absmax = values.iter().fold(0f32, |m, v| m.max(v.abs())) * ratio;
+            (nonzero(absmax / qmax), 0)
+        } else {
+            let levels = ((1u32 << self.bits) - 1) as f32;
+            let lo = values.iter().fold(0f32, |m, &v| m.min(v)) * ratio;
+            let hi = values.iter().fold(0f32, |m, &v| m.max(v)) * ratio;
+            let scale = nonzero((hi - lo) / levels);
+            let zp = (-lo / scale).round_ties_even().clamp(0.0, levels);
+            (scale, zp as u8)
+        }
+    }
+
+    fn code(&self, v: f32, scale: f32, zp: u8) -> u8 {
+        let q = (v / scale).round_ties_even();
+        if self.symmetric {
+            let qmax = ((1i32 << (self.bits - 1)) - 1) as f32;
+            q.clamp(-qmax - 1.0, qmax) as i8 as u8
+        } else {
+            let levels = ((1u32 << self.bits) - 1) as f32;
+            (q + zp as f32).clamp(0.0, levels) as u8
+        }
+    }
+
+    fn dequant(&self, code: u8, scale: f32, zp: u8) -> f32 {
+        if self.symmetric {
+            code as i8 as f32 * scale
+        } else {
+            (code as f32 - zp as f32) * scale
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::{Precision, QuantError};
+    use ndarray::array;
+
+    fn scheme(precision: Precision, layout: Layout, block_size: usize, symmetric: bool) -> Scheme {
+        Scheme { precision, layout, block_size, symmetric, clip_search: false }
+    }
+
+    #[test]
+    fn symmetric_int8_per_channel() {
+        let w = array![[1.27, -0.5, 0.0], [0.0, 0.0, -2.54]];
+        let q = quantize(w.view(), &scheme(Precision::Int8, Layout::PerChannel, 0, true)).expect("int");
+        assert!((q.scales[[0, 0]] - 0.01).abs() < 1e-8 && (q.scales[[1, 0]] - 0.02).abs() < 1e-8);
+        assert_eq!(q.codes.row(0).to_vec(), [127u8, (-50i8) as u8, 0]);
+        assert_eq!(q.codes[[1, 2]], (-127i8) as u8);
+        let back = q.dequantize();
+        assert!((&back - &w).iter().all(|d| d.abs() < 1e-6));
+    }
+
+    #[test]
+    fn asymmetric_uint4_blocks_with_a_partial_last_block() {
+        // cols = 5, block 4: blocks [0..4] and [4..5].
+        let w = array![[0.0, 1.4, 3.0, 0.75, -1.0]];
+        let q = quantize(w.view(), &scheme(Precision::Int4, Layout::Blocked, 4, false)).expect("int");
+        assert_eq!(q.scales.dim(), (1, 2));
+        // Block 0: range [0, 3] over 15 levels → scale 0.2, zero point 0.
+        assert!((q.scales[[0, 0]] - 0.2).abs() < 1e-7);
+        assert_eq!(q.zero_points.as_ref().expect("zp")[[0, 0]], 0);
+        assert_eq!(q.codes.row(0).to_vec()[..4], [0, 7, 15, 4]); // 0.75 / 0.2 = 3.75 → 4
+        // Block 1: range [-1, 0] → scale 1/15, zero point 15, code 0.
+        assert_eq!(q.zero_points.as_ref().expect("zp")[[0, 1]], 15);
+        assert_eq!(q.codes[[0, 4]], 0);
+        assert!((q.dequantize()[[0, 4]] + 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn signed_int4_range_and_all_zero_groups() {
+        let w = array![[0.7, -0.7, 0.04, 0.0], [0.0, 0.0, 0.0, 0.0]];
+        let q = quantize(w.view(), &scheme(Precision::Int4, Layout::PerChannel, 0, true)).expect("int");
+        assert_eq!(q.codes.row(0).to_vec(), [7u8, (-7i8) as u8, 0, 0]); // 0.04 / 0.1 = 0.4 → 0
+        assert_eq!(q.scales[[1, 0]], 1.0, "an all-zero group gets a harmless scale");
+        assert!(q.dequantize().row(1).iter().all(|&v| v == 0.0));
+    }
+
+    #[test]
+    fn per_tensor_uses_one_scale() {
+        let w = array![[1.0, -2.0], [4.0, 0.5]];
+        let q = quantize(w.view(), &scheme(Precision::Int8, Layout::PerTensor, 0, true)).expect("int");
+        assert_eq!(q.scales.dim(), (1, 1));
+        assert!((q.scales[[0, 0]] - 4.0 / 127.0).abs() < 1e-8);
+        assert_eq!(q.codes[[1, 0]], 127);
+    }
+
+    #[test]
+    fn clip_search_never_increases_error() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        // Heavy-tailed rows: one outlier per row makes the full range wasteful.
+        let w = Array2::from_shape_fn((16, 64), |(_, c)| {
+            let v: f32 = rng.random::<f32>() * 2.0 - 1.0;
+            if c == 3 {
+                v * 12.0
+            } else {
+                v
+            }
+        });
+        for symmetric in [true, false] {
+            let plain = scheme(Precision::Int4, Layout::Blocked, 32, symmetric);
+            let clipped = Scheme { clip_search: true, ..plain };
+            let e0 = QuantError::between(w.view(), quantize(w.view(), &plain).expect("q").dequantize().view());
+            let e1 = QuantError::between(w.view(), quantize(w.view(), &clipped).expect("q").dequantize().view());
+            assert!(e1.rel_frobenius < e0.rel_frobenius, "clip search helps on outliers: {e1:?} vs {e0:?}");
+        }
+    }
+
+    #[test]
+    fn float_precisions_are_not_integer_quantized() {
+        let w = array![[1.0f32]];
+        assert!(quantize(w.view(), &Scheme::FP32).is_none());
+    }
+
+    #[test]
+    fn scheme_validation_and_labels() {
+        let s = scheme(Precision::Int4, Layout::Blocked, 48, false);
+        assert!(s.validate().unwrap_err().contains("block_size = 48"));
+        assert_eq!(scheme(Precision::Int4, Layout::Blocked, 32, false).label(), "int4-b32-zp");
+        assert_eq!(scheme(Precision::Int8, Layout::PerChannel, 0, true).label(), "int8-pc-sym");
+    }
+}
