@@ -6,19 +6,36 @@ CARGO ?= cargo
 PYTHON ?= python3
 PROMPT ?= Once upon a time
 TOKENS ?= 48
+VENV := .venv
+KILN := target/release/kiln
 
-.PHONY: setup test demo lint
+.PHONY: setup test demo export lint build
 
-setup:
+# Fetch the ONNX Runtime library, the default model and the corpus; make the Python venv
+# the tests use (onnx checker, ONNX Runtime's Python API, tokenizers).
+setup: $(VENV)/.ready
 	$(PYTHON) scripts/fetch.py
+
+$(VENV)/.ready: tests/python/requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check --require-hashes --no-deps \
+		--only-binary=:all: -r tests/python/requirements.txt
+	touch $@
+
+build:
+	$(CARGO) build --release
 
 # The full test suite. Model tests run in release (one build profile for everything).
 test: setup
 	$(CARGO) test --release
 
+# Every recipe in export/ → export/out/NAME (up-to-date artifacts are skipped).
+export: setup build
+	$(KILN) export export/*.toml
+
 # Main job (for now): greedy generation on the default model with the reference backend.
-demo: setup
-	$(CARGO) run --release --quiet -- generate --backend reference --prompt "$(PROMPT)" -n $(TOKENS)
+demo: setup build
+	$(KILN) generate --backend reference --prompt "$(PROMPT)" -n $(TOKENS)
 
 lint:
 	$(CARGO) fmt --check

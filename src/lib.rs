@@ -12,6 +12,7 @@
 //!    pure math on ndarray.
 //! 3. [`onnx`]: how a model is written: graph builder, decoder graph with QDQ weights,
 //!    recipes, and the artifact directory with its manifest.
+//! 4. [`runtime`]: ONNX Runtime sessions over artifacts (the only room that names `ort`).
 //!
 //! Dependencies point one way: later rooms (quantization, ONNX writing, checking,
 //! runtime, engine, serving) read from `model`, never the reverse.
@@ -20,3 +21,4 @@
 pub mod model;
 pub mod onnx;
 pub mod quant;
+pub mod runtime;

@@ -15,7 +15,6 @@ use kiln::onnx::decoder::TensorReport;
 use kiln::onnx::export::{export_recipe, ExportOptions, ExportOutcome, Progress};
 use kiln::onnx::manifest::{self, Manifest};
 
-
 #[derive(Parser)]
 #[command(name = "kiln", version, about = "Quantize, export, check and serve causal language models")]
 struct Cli {
@@ -182,7 +181,12 @@ fn inspect_artifact(dir: &Path) -> Result<()> {
     println!("ops          {}", ops.join(", "));
     println!("inputs       {}", summarize_io(&m.io.inputs));
     println!("outputs      {}", summarize_io(&m.io.outputs));
-    println!("tokenizer    bos {:?}, eos {:?}, vocab sha256 {}", m.tokenizer.bos_id, m.tokenizer.eos_ids, &m.tokenizer.vocab_sha256[..16]);
+    println!(
+        "tokenizer    bos {:?}, eos {:?}, vocab sha256 {}",
+        m.tokenizer.bos_id,
+        m.tokenizer.eos_ids,
+        &m.tokenizer.vocab_sha256[..16]
+    );
     println!();
     println!("{:<44} {:>14} {:>16} {:>12} {:>12}", "tensor", "shape", "scheme", "rel. error", "max abs");
     for t in &m.tensors {
@@ -222,10 +226,10 @@ fn compare_granularity_study(model: &Model) -> Result<()> {
 }
 
 fn summarize_io(names: &[String]) -> String {
-    if names.len() <= 5 {
+    if names.len() <= 6 {
         return names.join(", ");
     }
-    format!("{}, … {} more …, {}", names[..3].join(", "), names.len() - 4, names[names.len() - 1])
+    format!("{}, … {} more …, {}", names[..4].join(", "), names.len() - 5, names[names.len() - 1])
 }
 
 fn load(path: &Path) -> Result<Model> {

@@ -86,7 +86,11 @@ pub struct TensorData {
 impl TensorData {
     /// An f32 tensor.
     pub fn f32(dims: &[usize], values: &[f32]) -> Self {
-        TensorData { dtype: DType::F32, dims: to_i64(dims), bytes: values.iter().flat_map(|v| v.to_le_bytes()).collect() }
+        TensorData {
+            dtype: DType::F32,
+            dims: to_i64(dims),
+            bytes: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        }
     }
 
     /// An f16 tensor from f32 values (rounded to nearest).
@@ -97,7 +101,11 @@ impl TensorData {
 
     /// An i64 tensor.
     pub fn i64(dims: &[usize], values: &[i64]) -> Self {
-        TensorData { dtype: DType::I64, dims: to_i64(dims), bytes: values.iter().flat_map(|v| v.to_le_bytes()).collect() }
+        TensorData {
+            dtype: DType::I64,
+            dims: to_i64(dims),
+            bytes: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        }
     }
 
     /// 8-bit codes (`I8` or `U8`), one byte each.

@@ -204,16 +204,25 @@ impl Decoder<'_, '_> {
         let hf = format!("model.layers.{i}");
         let (kvh, group, hd) = (c.num_kv_heads as i64, (c.num_heads / c.num_kv_heads) as i64, c.head_dim as i64);
 
-        let h = self.rms_norm(&format!("{p}/input_layernorm"), x, &w.input_layernorm.to_vec(), &format!("{hf}.input_layernorm.weight"));
-        let q = self.linear(&format!("{p}/attn/q_proj"), &h, &format!("{hf}.self_attn.q_proj"), &w.q_proj, scheme_for)?;
-        let k = self.linear(&format!("{p}/attn/k_proj"), &h, &format!("{hf}.self_attn.k_proj"), &w.k_proj, scheme_for)?;
-        let v = self.linear(&format!("{p}/attn/v_proj"), &h, &format!("{hf}.self_attn.v_proj"), &w.v_proj, scheme_for)?;
+        let h = self.rms_norm(
+            &format!("{p}/input_layernorm"),
+            x,
+            &w.input_layernorm.to_vec(),
+            &format!("{hf}.input_layernorm.weight"),
+        );
+        let q =
+            self.linear(&format!("{p}/attn/q_proj"), &h, &format!("{hf}.self_attn.q_proj"), &w.q_proj, scheme_for)?;
+        let k =
+            self.linear(&format!("{p}/attn/k_proj"), &h, &format!("{hf}.self_attn.k_proj"), &w.k_proj, scheme_for)?;
+        let v =
+            self.linear(&format!("{p}/attn/v_proj"), &h, &format!("{hf}.self_attn.v_proj"), &w.v_proj, scheme_for)?;
 
         let g = &mut self.g;
         let q_shape = g.ints(&[0, 0, kvh, group, hd]);
         let kv_shape = g.ints(&[0, 0, kvh, hd]);
         let q = g.op("Reshape", &format!("{p}/attn/q/Reshape"), &[&q, &q_shape], &[]);
-        let q = g.op("Transpose", &format!("{p}/attn/q/Transpose"), &[&q], &[("perm", Attr::Ints(vec![0, 2, 3, 1, 4]))]);
+        let q =
+            g.op("Transpose", &format!("{p}/attn/q/Transpose"), &[&q], &[("perm", Attr::Ints(vec![0, 2, 3, 1, 4]))]);
         let k = g.op("Reshape", &format!("{p}/attn/k/Reshape"), &[&k, &kv_shape], &[]);
         let k = g.op("Transpose", &format!("{p}/attn/k/Transpose"), &[&k], &[("perm", Attr::Ints(vec![0, 2, 1, 3]))]);
         let v = g.op("Reshape", &format!("{p}/attn/v/Reshape"), &[&v, &kv_shape], &[]);
@@ -231,17 +240,24 @@ impl Decoder<'_, '_> {
         let ax2 = g.ints(&[2]);
         let k5 = g.op("Unsqueeze", &format!("{p}/attn/k/Unsqueeze"), &[&present_k, &ax2], &[]);
         let v5 = g.op("Unsqueeze", &format!("{p}/attn/v/Unsqueeze"), &[&present_v, &ax2], &[]);
-        let kt = g.op("Transpose", &format!("{p}/attn/kt/Transpose"), &[&k5], &[("perm", Attr::Ints(vec![0, 1, 2, 4, 3]))]);
+        let kt =
+            g.op("Transpose", &format!("{p}/attn/kt/Transpose"), &[&k5], &[("perm", Attr::Ints(vec![0, 1, 2, 4, 3]))]);
         let scores = g.op("MatMul", &format!("{p}/attn/scores/MatMul"), &[&q, &kt], &[]);
         let scale = g.scalar(1.0 / (c.head_dim as f32).sqrt());
         let scores = g.op("Mul", &format!("{p}/attn/scores/Mul"), &[&scores, &scale], &[]);
         let scores = g.op("Add", &format!("{p}/attn/scores/Add"), &[&scores, &s.mask], &[]);
         let probs = g.op("Softmax", &format!("{p}/attn/Softmax"), &[&scores], &[("axis", Attr::Int(-1))]);
         let ctx = g.op("MatMul", &format!("{p}/attn/context/MatMul"), &[&probs, &v5], &[]);
-        let ctx = g.op("Transpose", &format!("{p}/attn/context/Transpose"), &[&ctx], &[("perm", Attr::Ints(vec![0, 3, 1, 2, 4]))]);
+        let ctx = g.op(
+            "Transpose",
+            &format!("{p}/attn/context/Transpose"),
+            &[&ctx],
+            &[("perm", Attr::Ints(vec![0, 3, 1, 2, 4]))],
+        );
         let flat = g.ints(&[0, 0, (c.num_heads * c.head_dim) as i64]);
         let ctx = g.op("Reshape", &format!("{p}/attn/context/Reshape"), &[&ctx, &flat], &[]);
-        let o = self.linear(&format!("{p}/attn/o_proj"), &ctx, &format!("{hf}.self_attn.o_proj"), &w.o_proj, scheme_for)?;
+        let o =
+            self.linear(&format!("{p}/attn/o_proj"), &ctx, &format!("{hf}.self_attn.o_proj"), &w.o_proj, scheme_for)?;
         let x = self.g.op("Add", &format!("{p}/attn/residual/Add"), &[x, &o], &[]);
 
         let h = self.rms_norm(
@@ -250,13 +266,15 @@ impl Decoder<'_, '_> {
             &w.post_attention_layernorm.to_vec(),
             &format!("{hf}.post_attention_layernorm.weight"),
         );
-        let gate = self.linear(&format!("{p}/mlp/gate_proj"), &h, &format!("{hf}.mlp.gate_proj"), &w.gate_proj, scheme_for)?;
+        let gate =
+            self.linear(&format!("{p}/mlp/gate_proj"), &h, &format!("{hf}.mlp.gate_proj"), &w.gate_proj, scheme_for)?;
         let up = self.linear(&format!("{p}/mlp/up_proj"), &h, &format!("{hf}.mlp.up_proj"), &w.up_proj, scheme_for)?;
         let g = &mut self.g;
         let sig = g.op("Sigmoid", &format!("{p}/mlp/act/Sigmoid"), &[&gate], &[]);
         let act = g.op("Mul", &format!("{p}/mlp/act/Mul"), &[&gate, &sig], &[]);
         let m = g.op("Mul", &format!("{p}/mlp/Mul"), &[&act, &up], &[]);
-        let down = self.linear(&format!("{p}/mlp/down_proj"), &m, &format!("{hf}.mlp.down_proj"), &w.down_proj, scheme_for)?;
+        let down =
+            self.linear(&format!("{p}/mlp/down_proj"), &m, &format!("{hf}.mlp.down_proj"), &w.down_proj, scheme_for)?;
         Ok(self.g.op("Add", &format!("{p}/mlp/residual/Add"), &[&x, &down], &[]))
     }
 
@@ -264,7 +282,8 @@ impl Decoder<'_, '_> {
     fn rotary(&mut self, p: &str, x: &str, cos: &str, sin: &str) -> String {
         let half = (self.c.head_dim / 2) as i64;
         let g = &mut self.g;
-        let (s0, s1, e1, e2, last) = (g.ints(&[0]), g.ints(&[half]), g.ints(&[half]), g.ints(&[2 * half]), g.ints(&[-1]));
+        let (s0, s1, e1, e2, last) =
+            (g.ints(&[0]), g.ints(&[half]), g.ints(&[half]), g.ints(&[2 * half]), g.ints(&[-1]));
         let x1 = g.op("Slice", &format!("{p}/x1/Slice"), &[x, &s0, &e1, &last], &[]);
         let x2 = g.op("Slice", &format!("{p}/x2/Slice"), &[x, &s1, &e2, &last], &[]);
         let neg = g.op("Neg", &format!("{p}/Neg"), &[&x2], &[]);
@@ -325,15 +344,22 @@ impl Decoder<'_, '_> {
             Precision::Fp16 => {
                 let data: Vec<f32> = wt.iter().copied().collect();
                 let t = TensorData::f16(&[inp, out], &data);
-                let back = Array2::from_shape_vec((inp, out), half_round(&data)).map_err(|e| ExportError::Internal(e.to_string()))?;
+                let back = Array2::from_shape_vec((inp, out), half_round(&data))
+                    .map_err(|e| ExportError::Internal(e.to_string()))?;
                 let error = QuantError::between(wt, back.view());
                 let bytes = t.bytes.len() as u64;
                 let s = self.g.initializer(name, t);
-                let v = self.g.op("Cast", &format!("/weights/{name}/Cast"), &[&s], &[("to", Attr::Int(DType::F32.onnx() as i64))]);
+                let v = self.g.op(
+                    "Cast",
+                    &format!("/weights/{name}/Cast"),
+                    &[&s],
+                    &[("to", Attr::Int(DType::F32.onnx() as i64))],
+                );
                 (v, bytes, error)
             }
             Precision::Int8 | Precision::Int4 => {
-                let q = quant::quantize(w.view(), &scheme).ok_or_else(|| ExportError::Internal("integer scheme".into()))?;
+                let q =
+                    quant::quantize(w.view(), &scheme).ok_or_else(|| ExportError::Internal("integer scheme".into()))?;
                 let error = QuantError::between(w.view(), q.dequantize().view());
                 let (v, bytes) = self.dequantize_linear(name, &q)?;
                 (v, bytes, error)
@@ -404,10 +430,15 @@ impl Decoder<'_, '_> {
         let (x, bytes, error) = match scheme.precision {
             Precision::Fp32 => {
                 let t = self.g.initializer(name, TensorData::f32(&[vocab, hidden], &data));
-                (self.g.op("Gather", &format!("{p}/Gather"), &[&t, ids], &[]), data.len() as u64 * 4, QuantError { rel_frobenius: 0.0, max_abs: 0.0 })
+                (
+                    self.g.op("Gather", &format!("{p}/Gather"), &[&t, ids], &[]),
+                    data.len() as u64 * 4,
+                    QuantError { rel_frobenius: 0.0, max_abs: 0.0 },
+                )
             }
             Precision::Fp16 => {
-                let back = Array2::from_shape_vec((vocab, hidden), half_round(&data)).map_err(|e| ExportError::Internal(e.to_string()))?;
+                let back = Array2::from_shape_vec((vocab, hidden), half_round(&data))
+                    .map_err(|e| ExportError::Internal(e.to_string()))?;
                 let error = QuantError::between(table.view(), back.view());
                 let t = self.g.initializer(name, TensorData::f16(&[vocab, hidden], &data));
                 let rows = self.g.op("Gather", &format!("{p}/Gather"), &[&t, ids], &[]);
@@ -422,7 +453,8 @@ impl Decoder<'_, '_> {
                 })
             }
             Precision::Int8 => {
-                let q = quant::quantize(table.view(), &scheme).ok_or_else(|| ExportError::Internal("integer scheme".into()))?;
+                let q = quant::quantize(table.view(), &scheme)
+                    .ok_or_else(|| ExportError::Internal("integer scheme".into()))?;
                 if q.layout == Layout::Blocked && hidden % q.group != 0 {
                     return Err(ExportError::Scheme {
                         tensor: name.into(),
@@ -434,12 +466,25 @@ impl Decoder<'_, '_> {
                 (x, bytes, error)
             }
         };
-        self.report(TensorReport { name: name.into(), shape: [vocab, hidden], scheme, label: scheme.label(), bytes, error });
+        self.report(TensorReport {
+            name: name.into(),
+            shape: [vocab, hidden],
+            scheme,
+            label: scheme.label(),
+            bytes,
+            error,
+        });
         Ok(x)
     }
 
     /// Gathers integer rows and their scales (and zero points), then Cast → Sub → Mul.
-    fn gather_quantized(&mut self, p: &str, name: &str, q: &Quantized, ids: &str) -> Result<(String, u64), ExportError> {
+    fn gather_quantized(
+        &mut self,
+        p: &str,
+        name: &str,
+        q: &Quantized,
+        ids: &str,
+    ) -> Result<(String, u64), ExportError> {
         let (vocab, hidden) = q.codes.dim();
         let code_type = if q.signed { DType::I8 } else { DType::U8 };
         let to_f32 = ("to", Attr::Int(DType::F32.onnx() as i64));

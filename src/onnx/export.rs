@@ -170,13 +170,16 @@ pub fn export(
     let json = serde_json::to_string_pretty(&manifest).map_err(|e| ExportError::Internal(e.to_string()))?;
     write_file(&tmp.path().join(manifest::MANIFEST_FILE), json.as_bytes())?;
     replace_dir(tmp, out)?;
-    Ok(ExportOutcome::Built { dir: out.to_path_buf(), manifest: Box::new(manifest), seconds: t0.elapsed().as_secs_f64() })
+    Ok(ExportOutcome::Built {
+        dir: out.to_path_buf(),
+        manifest: Box::new(manifest),
+        seconds: t0.elapsed().as_secs_f64(),
+    })
 }
 
 fn up_to_date(out: &Path, build_hash: &str) -> bool {
     let files = [manifest::MODEL_FILE, manifest::DATA_FILE, manifest::TOKENIZER_FILE];
-    files.iter().all(|f| out.join(f).is_file())
-        && Manifest::read(out).is_ok_and(|m| m.build_hash == build_hash)
+    files.iter().all(|f| out.join(f).is_file()) && Manifest::read(out).is_ok_and(|m| m.build_hash == build_hash)
 }
 
 /// A file written through a buffer, flushed and synced to disk by [`finish`](Self::finish).
@@ -193,7 +196,8 @@ impl SyncedFile {
 
     fn finish(self) -> Result<(), ExportError> {
         let path = self.path;
-        let file = self.writer.into_inner().map_err(|e| ExportError::Io { path: path.clone(), source: e.into_error() })?;
+        let file =
+            self.writer.into_inner().map_err(|e| ExportError::Io { path: path.clone(), source: e.into_error() })?;
         file.sync_all().map_err(|source| ExportError::Io { path, source })
     }
 }

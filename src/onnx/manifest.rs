@@ -104,8 +104,8 @@ impl Manifest {
     pub fn read(dir: &Path) -> Result<Manifest, ExportError> {
         let path = dir.join(MANIFEST_FILE);
         let text = std::fs::read_to_string(&path).map_err(|source| ExportError::Io { path: path.clone(), source })?;
-        let m: Manifest =
-            serde_json::from_str(&text).map_err(|e| ExportError::Manifest { path: path.clone(), reason: e.to_string() })?;
+        let m: Manifest = serde_json::from_str(&text)
+            .map_err(|e| ExportError::Manifest { path: path.clone(), reason: e.to_string() })?;
         if m.format_version != FORMAT_VERSION {
             return Err(ExportError::Manifest {
                 path,

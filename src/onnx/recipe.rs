@@ -163,7 +163,9 @@ impl Recipe {
             if o.pattern.is_empty() {
                 return Err(format!("[[quant.override]] #{}: match is empty", i + 1));
             }
-            o.apply(self.base()).validate().map_err(|e| format!("[[quant.override]] #{} ({}): {e}", i + 1, o.pattern))?;
+            o.apply(self.base())
+                .validate()
+                .map_err(|e| format!("[[quant.override]] #{} ({}): {e}", i + 1, o.pattern))?;
         }
         Ok(())
     }
@@ -273,8 +275,8 @@ mod tests {
         )
         .expect_err("block size");
         assert!(err.to_string().contains("block_size = 33"), "{err}");
-        let err =
-            Recipe::parse(Path::new("bad.toml"), "source = \"default\"\n[quant]\nprecision = \"int3\"\n").expect_err("int3");
+        let err = Recipe::parse(Path::new("bad.toml"), "source = \"default\"\n[quant]\nprecision = \"int3\"\n")
+            .expect_err("int3");
         assert!(err.to_string().contains("int3"), "{err}");
     }
 }

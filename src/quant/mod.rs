@@ -82,8 +82,13 @@ pub struct Scheme {
 
 impl Scheme {
     /// Unquantized f32.
-    pub const FP32: Scheme =
-        Scheme { precision: Precision::Fp32, layout: Layout::PerTensor, block_size: 0, symmetric: true, clip_search: false };
+    pub const FP32: Scheme = Scheme {
+        precision: Precision::Fp32,
+        layout: Layout::PerTensor,
+        block_size: 0,
+        symmetric: true,
+        clip_search: false,
+    };
 
     /// Checks that the fields make sense together; `Err` says which field is wrong.
     pub fn validate(&self) -> Result<(), String> {
@@ -91,7 +96,10 @@ impl Scheme {
             return Ok(());
         }
         if self.layout == Layout::Blocked && !(self.block_size >= 2 && self.block_size.is_power_of_two()) {
-            return Err(format!("block_size = {} must be a power of two of at least 2 (e.g. 32, 64, 128)", self.block_size));
+            return Err(format!(
+                "block_size = {} must be a power of two of at least 2 (e.g. 32, 64, 128)",
+                self.block_size
+            ));
         }
         Ok(())
     }

@@ -162,7 +162,7 @@ mod tests {
         assert!((q.scales[[0, 0]] - 0.2).abs() < 1e-7);
         assert_eq!(q.zero_points.as_ref().expect("zp")[[0, 0]], 0);
         assert_eq!(q.codes.row(0).to_vec()[..4], [0, 7, 15, 4]); // 0.75 / 0.2 = 3.75 → 4
-        // Block 1: range [-1, 0] → scale 1/15, zero point 15, code 0.
+                                                                 // Block 1: range [-1, 0] → scale 1/15, zero point 15, code 0.
         assert_eq!(q.zero_points.as_ref().expect("zp")[[0, 1]], 15);
         assert_eq!(q.codes[[0, 4]], 0);
         assert!((q.dequantize()[[0, 4]] + 1.0).abs() < 1e-6);

@@ -22,9 +22,13 @@ pub struct GranularityRow {
 pub fn study_schemes() -> Vec<Scheme> {
     let mut out = Vec::new();
     for precision in [Precision::Int8, Precision::Int4] {
-        for (layout, block_size) in
-            [(Layout::PerTensor, 0), (Layout::PerChannel, 0), (Layout::Blocked, 32), (Layout::Blocked, 64), (Layout::Blocked, 128)]
-        {
+        for (layout, block_size) in [
+            (Layout::PerTensor, 0),
+            (Layout::PerChannel, 0),
+            (Layout::Blocked, 32),
+            (Layout::Blocked, 64),
+            (Layout::Blocked, 128),
+        ] {
             out.push(Scheme { precision, layout, block_size, symmetric: true, clip_search: false });
         }
     }
@@ -60,7 +64,11 @@ pub fn granularity_study(weights: &Weights) -> Vec<GranularityRow> {
         }
         for (k, (num, den)) in sums.iter().enumerate() {
             if *den > 0.0 {
-                rows.push(GranularityRow { scheme: scheme.label(), class: CLASSES[k], rel_frobenius: (num / den).sqrt() });
+                rows.push(GranularityRow {
+                    scheme: scheme.label(),
+                    class: CLASSES[k],
+                    rel_frobenius: (num / den).sqrt(),
+                });
             }
         }
     }

@@ -456,3 +456,43 @@ pub fn naive_logits(spec: TinySpec, t: &Tensors, ids: &[u32]) -> Vec<Vec<f64>> {
     let head = if spec.tied { get("model.embed_tokens.weight") } else { get("lm_head.weight") };
     x.iter().map(|xt| matvec(head, &norm(xt, get("model.norm.weight")), tiny_vocab_size())).collect()
 }
+
+/// The repository root.
+pub fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Runs the `kiln` binary built for these tests.
+pub fn kiln(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).current_dir(repo()).output().expect("kiln runs")
+}
+
+/// The artifact of default recipe `export/NAME.toml`, exported once (by the `kiln` binary,
+/// so every test binary shares `export/out/NAME` and skips it when up to date).
+pub fn artifact(name: &str) -> std::path::PathBuf {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let recipe = format!("export/{name}.toml");
+    let out = kiln(&["export", &recipe]);
+    assert!(out.status.success(), "kiln export {recipe}: {}", String::from_utf8_lossy(&out.stderr));
+    repo().join("export/out").join(name)
+}
+
+/// The Python of the venv `make setup` creates (`KILN_PYTHON` overrides).
+pub fn python() -> std::path::PathBuf {
+    match std::env::var_os("KILN_PYTHON") {
+        Some(p) => p.into(),
+        None => {
+            let p = repo().join(".venv/bin/python");
+            assert!(p.is_file(), "{} is missing: run `make setup` first", p.display());
+            p
+        }
+    }
+}
+
+/// Writes a recipe file and returns its path.
+pub fn write_recipe(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text).expect("recipe");
+    path
+}

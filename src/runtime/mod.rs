@@ -1,0 +1,229 @@
+//! ONNX Runtime sessions over kiln artifacts. The only room that names `ort::`.
+//!
+//! ONNX Runtime is loaded at run time (`ort`'s `load-dynamic`) from the library `make setup`
+//! fetched, or from `KILN_ORT_LIB`. ONNX Runtime allows one environment per process, so
+//! the environment is created once, on first use, and shared.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use ndarray::{Array2, Array3, Array4, Ix3, Ix4};
+use ort::session::builder::GraphOptimizationLevel;
+use ort::session::Session;
+use ort::value::Tensor;
+
+use crate::model::cache_dir;
+use crate::onnx::manifest::{self, Manifest};
+
+/// File name of the ONNX Runtime library in the cache.
+pub const ORT_LIBRARY: &str = "libonnxruntime.so.1.31.1";
+
+/// Errors from ONNX Runtime.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The ONNX Runtime library could not be loaded.
+    #[error("ONNX Runtime library {path}: {reason} (run `make setup`, or set KILN_ORT_LIB)")]
+    Library {
+        /// The library path tried.
+        path: PathBuf,
+        /// Why it failed.
+        reason: String,
+    },
+    /// The artifact could not be read.
+    #[error("{path}: {reason}")]
+    Artifact {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Creating the session failed.
+    #[error("session for {path}: {reason}")]
+    Session {
+        /// The model file.
+        path: PathBuf,
+        /// ONNX Runtime's message.
+        reason: String,
+    },
+    /// Running the session failed.
+    #[error("run: {0}")]
+    Run(String),
+}
+
+impl RuntimeError {
+    /// A stable label for metrics and tests.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RuntimeError::Library { .. } => "library",
+            RuntimeError::Artifact { .. } => "artifact",
+            RuntimeError::Session { .. } => "session",
+            RuntimeError::Run(_) => "run",
+        }
+    }
+}
+
+/// How much ONNX Runtime rewrites the graph.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Optimization {
+    /// No rewriting at all.
+    Disable,
+    /// Constant folding and redundant-node removal.
+    Basic,
+    /// Plus fusions (DequantizeLinear + MatMul → MatMulNBits, RMSNorm, …).
+    Extended,
+    /// Everything, including layout changes.
+    #[default]
+    All,
+}
+
+/// Session settings. `Default` is what serving uses on CPU.
+#[derive(Debug, Clone, Default)]
+pub struct SessionOptions {
+    /// Intra-op threads; 0 lets ONNX Runtime choose.
+    pub intra_threads: usize,
+    /// Graph optimization level.
+    pub optimization: Optimization,
+    /// `accuracy_level` of fused MatMulNBits: `None` keeps ONNX Runtime's default (4: int8
+    /// activations, fast); 0 or 1 computes in f32 (exact math, for parity checks).
+    pub matmul_accuracy_level: Option<u8>,
+    /// Write ONNX Runtime's optimized graph here (to inspect what it fused).
+    pub optimized_model_path: Option<PathBuf>,
+}
+
+/// Path of the ONNX Runtime library: `KILN_ORT_LIB`, else the cache.
+pub fn ort_library_path() -> PathBuf {
+    match std::env::var_os("KILN_ORT_LIB") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => cache_dir().join("ort").join(ORT_LIBRARY),
+    }
+}
+
+/// The process's ONNX Runtime environment, created on first use.
+pub fn environment() -> Result<ort::environment::Environment, RuntimeError> {
+    static ENV: OnceLock<Result<ort::environment::Environment, String>> = OnceLock::new();
+    let path = ort_library_path();
+    let env = ENV.get_or_init(|| {
+        if !path.is_file() {
+            return Err("file not found".to_string());
+        }
+        ort::init_from(&path).map_err(|e| e.to_string())?.with_name("kiln").build().map_err(|e| e.to_string())
+    });
+    env.clone().map_err(|reason| RuntimeError::Library { path, reason })
+}
+
+/// Key/value tensors of every layer, `[batch, kv_heads, positions, head_dim]` each.
+pub type KvTensors = Vec<(Array4<f32>, Array4<f32>)>;
+
+/// One run of the decoder graph.
+#[derive(Debug, Clone)]
+pub struct StepInput {
+    /// `[batch, seq]`.
+    pub input_ids: Array2<i64>,
+    /// `[batch, past + seq]`.
+    pub attention_mask: Array2<i64>,
+    /// `[batch, seq]`.
+    pub position_ids: Array2<i64>,
+    /// Past keys and values per layer.
+    pub past: KvTensors,
+}
+
+/// What one run returns.
+#[derive(Debug, Clone)]
+pub struct StepOutput {
+    /// `[batch, seq, vocab]`.
+    pub logits: Array3<f32>,
+    /// Keys and values of past + new positions per layer.
+    pub present: KvTensors,
+}
+
+/// An artifact's decoder in an ONNX Runtime session.
+pub struct OrtDecoder {
+    session: Session,
+    manifest: Manifest,
+}
+
+impl OrtDecoder {
+    /// Opens `dir/model.onnx` with `opts` on the CPU execution provider.
+    pub fn open(dir: &Path, opts: &SessionOptions) -> Result<Self, RuntimeError> {
+        let manifest = Manifest::read(dir)
+            .map_err(|e| RuntimeError::Artifact { path: dir.join(manifest::MANIFEST_FILE), reason: e.to_string() })?;
+        let path = dir.join(manifest::MODEL_FILE);
+        let env = environment()?;
+        let fail = |reason: String| RuntimeError::Session { path: path.clone(), reason };
+        let level = match opts.optimization {
+            Optimization::Disable => GraphOptimizationLevel::Disable,
+            Optimization::Basic => GraphOptimizationLevel::Level1,
+            Optimization::Extended => GraphOptimizationLevel::Level2,
+            Optimization::All => GraphOptimizationLevel::All,
+        };
+        let mut b = Session::builder(&env)
+            .map_err(|e| fail(e.to_string()))?
+            .with_optimization_level(level)
+            .map_err(|e| fail(e.to_string()))?
+            .with_intra_op_spinning(false)
+            .map_err(|e| fail(e.to_string()))?;
+        if opts.intra_threads > 0 {
+            b = b.with_intra_threads(opts.intra_threads).map_err(|e| fail(e.to_string()))?;
+        }
+        if let Some(level) = opts.matmul_accuracy_level {
+            b = b
+                .with_config_entry("session.qdq_matmulnbits_accuracy_level", level.to_string())
+                .map_err(|e| fail(e.to_string()))?;
+        }
+        if let Some(p) = &opts.optimized_model_path {
+            b = b.with_optimized_model_path(p).map_err(|e| fail(e.to_string()))?;
+        }
+        let session = b.commit_from_file(&path).map_err(|e| fail(e.to_string()))?;
+        Ok(OrtDecoder { session, manifest })
+    }
+
+    /// The artifact's manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// Empty past tensors for `batch` sequences.
+    pub fn empty_past(&self, batch: usize) -> KvTensors {
+        let c = &self.manifest.config;
+        let shape = (batch, c.num_kv_heads, 0, c.head_dim);
+        (0..c.num_layers).map(|_| (Array4::zeros(shape), Array4::zeros(shape))).collect()
+    }
+
+    /// Runs the graph once.
+    pub fn run(&mut self, input: StepInput) -> Result<StepOutput, RuntimeError> {
+        let layers = self.manifest.config.num_layers;
+        if input.past.len() != layers {
+            return Err(RuntimeError::Run(format!("{} past layers given, the graph has {layers}", input.past.len())));
+        }
+        let run = |e: ort::Error| RuntimeError::Run(e.to_string());
+        let mut feeds: Vec<(String, ort::value::DynValue)> = vec![
+            ("input_ids".into(), Tensor::from_array(input.input_ids).map_err(run)?.into_dyn()),
+            ("attention_mask".into(), Tensor::from_array(input.attention_mask).map_err(run)?.into_dyn()),
+            ("position_ids".into(), Tensor::from_array(input.position_ids).map_err(run)?.into_dyn()),
+        ];
+        for (i, (k, v)) in input.past.into_iter().enumerate() {
+            feeds.push((format!("past_key_values.{i}.key"), Tensor::from_array(k).map_err(run)?.into_dyn()));
+            feeds.push((format!("past_key_values.{i}.value"), Tensor::from_array(v).map_err(run)?.into_dyn()));
+        }
+        let outputs = self.session.run(feeds).map_err(run)?;
+        let logits = outputs["logits"]
+            .try_extract_array::<f32>()
+            .map_err(run)?
+            .into_dimensionality::<Ix3>()
+            .map_err(|e| RuntimeError::Run(format!("logits: {e}")))?
+            .to_owned();
+        let mut present = Vec::with_capacity(layers);
+        for i in 0..layers {
+            let get = |name: String| -> Result<Array4<f32>, RuntimeError> {
+                Ok(outputs[name.as_str()]
+                    .try_extract_array::<f32>()
+                    .map_err(run)?
+                    .into_dimensionality::<Ix4>()
+                    .map_err(|e| RuntimeError::Run(format!("{name}: {e}")))?
+                    .to_owned())
+            };
+            present.push((get(format!("present.{i}.key"))?, get(format!("present.{i}.value"))?));
+        }
+        Ok(StepOutput { logits, present })
+    }
+}
