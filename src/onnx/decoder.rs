@@ -496,7 +496,7 @@ impl Decoder<'_, '_> {
         let codes = g.initializer(name, codes_t);
         let scales = g.initializer(&format!("{name}.scale"), scale_t);
         let rows = g.op("Gather", &format!("{p}/codes/Gather"), &[&codes, ids], &[]);
-        let mut x = g.op("Cast", &format!("{p}/codes/Cast"), &[&rows], &[to_f32.clone()]);
+        let mut x = g.op("Cast", &format!("{p}/codes/Cast"), &[&rows], std::slice::from_ref(&to_f32));
         // Per-tensor scales are scalars; per-row scales gather to [b, s, groups].
         let per_row = |g: &mut GraphBuilder, what: &str, t: &str| -> String {
             if q.layout == Layout::PerTensor {

@@ -217,7 +217,7 @@ mod tests {
     #[test]
     fn scheme_validation_and_labels() {
         let s = scheme(Precision::Int4, Layout::Blocked, 48, false);
-        assert!(s.validate().unwrap_err().contains("block_size = 48"));
+        assert!(s.validate().expect_err("refused").contains("block_size = 48"));
         assert_eq!(scheme(Precision::Int4, Layout::Blocked, 32, false).label(), "int4-b32-zp");
         assert_eq!(scheme(Precision::Int8, Layout::PerChannel, 0, true).label(), "int8-pc-sym");
     }

@@ -111,6 +111,21 @@ pub fn environment() -> Result<ort::environment::Environment, RuntimeError> {
     env.clone().map_err(|reason| RuntimeError::Library { path, reason })
 }
 
+/// Returns heap memory freed during session creation to the OS.
+///
+/// ONNX Runtime's load-time rewrites (DequantizeLinear + MatMul → MatMulNBits, then
+/// prepacking) allocate temporary copies of the weights; glibc keeps the freed pages, so
+/// without a trim the process stays about 0.3× the weight file larger than it needs to be
+/// (measured on SmolLM2 INT4: 1.54× → 1.20× the size of `model.onnx.data`).
+fn release_freed_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap pages to the kernel; it has no
+    // preconditions and touches no live allocation.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Key/value tensors of every layer, `[batch, kv_heads, positions, head_dim]` each.
 pub type KvTensors = Vec<(Array4<f32>, Array4<f32>)>;
 
@@ -174,6 +189,7 @@ impl OrtDecoder {
             b = b.with_optimized_model_path(p).map_err(|e| fail(e.to_string()))?;
         }
         let session = b.commit_from_file(&path).map_err(|e| fail(e.to_string()))?;
+        release_freed_heap();
         Ok(OrtDecoder { session, manifest })
     }
 

@@ -1,0 +1,272 @@
+//! Exports of small written models: graphs for every architecture variant run by ONNX
+//! Runtime against the reference forward (q/k/v biases, tied heads, sliding window,
+//! padded batches), determinism, and bad input that must leave no partial artifact.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use kiln::model::reference::{Logits, Reference};
+use kiln::model::Model;
+use kiln::onnx::builder::{DType, GraphBuilder, TensorData};
+use kiln::onnx::export::{export_recipe, ExportOptions, ExportOutcome, Quiet};
+use kiln::runtime::{OrtDecoder, SessionOptions, StepInput};
+use ndarray::{s, Array2};
+
+const LLAMA: TinySpec = TinySpec { class: "LlamaForCausalLM", tied: false, bias: false, sliding_window: None };
+const QWEN2: TinySpec = TinySpec { class: "Qwen2ForCausalLM", tied: true, bias: true, sliding_window: None };
+const MISTRAL: TinySpec = TinySpec { class: "MistralForCausalLM", tied: false, bias: false, sliding_window: Some(3) };
+
+/// f32 through ORT and the reference: summation order only.
+const TOLERANCE: f32 = 1e-4;
+
+fn model_dir(dir: &Path, spec: TinySpec, seed: u64) -> PathBuf {
+    let m = dir.join("model");
+    write_hf_dir(&m, spec, &tiny_tensors(spec, seed), Storage::SingleF32);
+    m
+}
+
+fn recipe(dir: &Path, source: &Path, quant: &str) -> PathBuf {
+    let text = format!("source = {:?}\noutput = {:?}\n[quant]\n{quant}\n", source, dir.join("out"));
+    write_recipe(dir, "tiny", &text)
+}
+
+fn export(recipe: &Path) -> PathBuf {
+    match export_recipe(recipe, &ExportOptions::default(), &mut Quiet).expect("exports") {
+        ExportOutcome::Built { dir, .. } | ExportOutcome::UpToDate { dir } => dir,
+    }
+}
+
+fn max_rel_diff(a: ndarray::ArrayView1<f32>, b: ndarray::ArrayView1<f32>) -> f32 {
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+    a.iter().zip(b.iter()).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+/// Prefill then two single-token steps through ORT; every row against the reference.
+fn assert_ort_matches_reference(spec: TinySpec, seed: u64) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let src = model_dir(tmp.path(), spec, seed);
+    let dir = export(&recipe(tmp.path(), &src, "precision = \"fp32\""));
+    let model = Model::load(&src).expect("loads");
+    let reference = Reference::new(&model);
+    let ids = [5u32, 80, 256, 3, 259, 17, 44, 99];
+    let mut cache = reference.new_cache(ids.len());
+    let want = reference.forward(&ids, &mut cache, Logits::All).expect("forward");
+
+    let mut dec = OrtDecoder::open(&dir, &SessionOptions::default()).expect("session");
+    let mut past = dec.empty_past(1);
+    let mut done = 0;
+    for chunk in [&ids[..6], &ids[6..7], &ids[7..]] {
+        let n = chunk.len();
+        let out = dec
+            .run(StepInput {
+                input_ids: Array2::from_shape_fn((1, n), |(_, j)| chunk[j] as i64),
+                attention_mask: Array2::ones((1, done + n)),
+                position_ids: Array2::from_shape_fn((1, n), |(_, j)| (done + j) as i64),
+                past,
+            })
+            .expect("runs");
+        for j in 0..n {
+            let d = max_rel_diff(out.logits.slice(s![0, j, ..]), want.row(done + j));
+            assert!(d <= TOLERANCE, "{}: position {}: relative difference {d}", spec.class, done + j);
+        }
+        past = out.present;
+        done += n;
+    }
+}
+
+#[test]
+fn llama_gqa_untied() {
+    assert_ort_matches_reference(LLAMA, 11);
+}
+
+#[test]
+fn qwen2_biases_tied_head() {
+    assert_ort_matches_reference(QWEN2, 12);
+}
+
+#[test]
+fn mistral_sliding_window() {
+    assert_ort_matches_reference(MISTRAL, 13);
+}
+
+/// Two sequences of different lengths in one batch, the short one padded on the left or
+/// on the right: each row's logits equal those of the sequence run alone.
+#[test]
+fn padded_batches_match_single_sequences() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let src = model_dir(tmp.path(), LLAMA, 14);
+    let dir = export(&recipe(tmp.path(), &src, "precision = \"fp32\""));
+    let model = Model::load(&src).expect("loads");
+    let reference = Reference::new(&model);
+    let long = [7u32, 100, 200, 45, 9, 33];
+    let short = [250u32, 3, 61];
+    let alone = |ids: &[u32]| {
+        let mut c = reference.new_cache(ids.len());
+        reference.forward(ids, &mut c, Logits::All).expect("forward")
+    };
+    let (want_long, want_short) = (alone(&long), alone(&short));
+    let mut dec = OrtDecoder::open(&dir, &SessionOptions::default()).expect("session");
+    for left in [true, false] {
+        let pad = long.len() - short.len();
+        let mut ids = Array2::<i64>::zeros((2, long.len()));
+        let mut mask = Array2::<i64>::zeros((2, long.len()));
+        let mut pos = Array2::<i64>::zeros((2, long.len()));
+        for j in 0..long.len() {
+            ids[[0, j]] = long[j] as i64;
+            mask[[0, j]] = 1;
+            pos[[0, j]] = j as i64;
+        }
+        let offset = if left { pad } else { 0 };
+        for j in 0..short.len() {
+            ids[[1, offset + j]] = short[j] as i64;
+            mask[[1, offset + j]] = 1;
+            pos[[1, offset + j]] = j as i64;
+        }
+        let out = dec
+            .run(StepInput { input_ids: ids, attention_mask: mask, position_ids: pos, past: dec.empty_past(2) })
+            .expect("runs");
+        for j in 0..long.len() {
+            assert!(max_rel_diff(out.logits.slice(s![0, j, ..]), want_long.row(j)) <= TOLERANCE, "long row {j}");
+        }
+        for j in 0..short.len() {
+            let d = max_rel_diff(out.logits.slice(s![1, offset + j, ..]), want_short.row(j));
+            assert!(d <= TOLERANCE, "short row {j} (left padding: {left}): {d}");
+        }
+    }
+}
+
+#[test]
+fn same_recipe_same_bytes() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let src = model_dir(tmp.path(), QWEN2, 15);
+    let quant = "precision = \"int4\"\nlayout = \"blocked\"\nblock_size = 16\nsymmetric = false\nclip_search = true\n\
+                 [[quant.override]]\nmatch = \"model.embed_tokens.weight\"\nprecision = \"int8\"";
+    let r = recipe(tmp.path(), &src, quant);
+    let a = export(&r);
+    let first: Vec<Vec<u8>> = ["model.onnx", "model.onnx.data", "kiln.json"]
+        .iter()
+        .map(|f| std::fs::read(a.join(f)).expect("read"))
+        .collect();
+    let opts = ExportOptions { force: true, output: Some(tmp.path().join("again")) };
+    let ExportOutcome::Built { dir: b, .. } = export_recipe(&r, &opts, &mut Quiet).expect("exports") else {
+        panic!("forced export must build")
+    };
+    for (f, bytes) in ["model.onnx", "model.onnx.data", "kiln.json"].iter().zip(&first) {
+        assert_eq!(&std::fs::read(b.join(f)).expect("read"), bytes, "{f} differs between two exports");
+    }
+    // Unchanged inputs: the second plain export is skipped.
+    assert!(matches!(export_recipe(&r, &ExportOptions::default(), &mut Quiet), Ok(ExportOutcome::UpToDate { .. })));
+}
+
+fn leftovers(parent: &Path) -> Vec<String> {
+    std::fs::read_dir(parent)
+        .expect("read_dir")
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.contains(".tmp-") || n.contains(".old-"))
+        .collect()
+}
+
+#[test]
+fn bad_recipes_and_sources_are_named() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let src = model_dir(tmp.path(), LLAMA, 16);
+    let err = |quant: &str| {
+        export_recipe(&recipe(tmp.path(), &src, quant), &ExportOptions::default(), &mut Quiet)
+            .expect_err("export must fail")
+            .to_string()
+    };
+    assert!(err("precission = \"int8\"").contains("unknown field `precission`"));
+    assert!(err("precision = \"int4\"\nlayout = \"blocked\"\nblock_size = 24").contains("block_size = 24"));
+    assert!(err("precision = \"int8\"\nlayout = \"diagonal\"").contains("diagonal"));
+    let e = err("precision = \"int4\"");
+    assert!(e.contains("model.embed_tokens.weight") && e.contains("4-bit embeddings"), "{e}");
+
+    // An architecture kiln does not know.
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).expect("config")).expect("json");
+    config["architectures"] = serde_json::json!(["FalconForCausalLM"]);
+    std::fs::write(src.join("config.json"), config.to_string()).expect("write");
+    let e = err("precision = \"fp32\"");
+    assert!(e.contains("FalconForCausalLM") && e.contains("config.json"), "{e}");
+    assert!(!tmp.path().join("out").exists(), "no artifact after failures");
+    assert!(leftovers(tmp.path()).is_empty());
+}
+
+#[test]
+fn unwritable_output_leaves_nothing() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let src = model_dir(tmp.path(), LLAMA, 17);
+    // The output's parent is a file: the directory cannot be created.
+    std::fs::write(tmp.path().join("blocker"), b"").expect("write");
+    let text =
+        format!("source = {src:?}\noutput = {:?}\n[quant]\nprecision = \"fp32\"\n", tmp.path().join("blocker/out"));
+    let r = write_recipe(tmp.path(), "blocked", &text);
+    let e = export_recipe(&r, &ExportOptions::default(), &mut Quiet).expect_err("fails").to_string();
+    assert!(e.contains("blocker"), "{e}");
+    assert!(leftovers(tmp.path()).is_empty());
+}
+
+/// The disk fills up while the weights are written (a file-size limit on the `kiln`
+/// process, SIGXFSZ ignored, so writes fail with EFBIG): the export fails, and neither an
+/// artifact nor a temporary directory is left; an existing artifact survives.
+#[test]
+fn full_disk_leaves_no_partial_artifact() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let src = model_dir(tmp.path(), LLAMA, 18);
+    let r = recipe(tmp.path(), &src, "precision = \"fp32\"");
+    let run = |limit_kb: u32| {
+        std::process::Command::new("bash")
+            .arg("-c")
+            .arg(format!("trap '' XFSZ; ulimit -f {limit_kb}; exec \"$0\" export --force \"$1\""))
+            .arg(env!("CARGO_BIN_EXE_kiln"))
+            .arg(&r)
+            .output()
+            .expect("bash runs")
+    };
+    let out = run(16);
+    assert!(!out.status.success(), "export must fail under a 16 kB file limit");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("File too large"), "{stderr}");
+    assert!(!tmp.path().join("out").exists(), "no artifact");
+    assert!(leftovers(tmp.path()).is_empty(), "no temporary directory: {:?}", leftovers(tmp.path()));
+
+    // With an artifact in place, a failed rebuild keeps it whole.
+    let out = run(1 << 20);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let before = std::fs::read(tmp.path().join("out/model.onnx.data")).expect("data");
+    assert!(!run(16).status.success());
+    assert_eq!(std::fs::read(tmp.path().join("out/model.onnx.data")).expect("data"), before);
+    assert!(leftovers(tmp.path()).is_empty());
+}
+
+/// A writer that fails after `left` bytes, like a full disk.
+struct FullDisk {
+    left: usize,
+}
+
+impl std::io::Write for FullDisk {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if buf.len() > self.left {
+            return Err(std::io::Error::new(std::io::ErrorKind::StorageFull, "no space left on device"));
+        }
+        self.left -= buf.len();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn graph_writer_reports_a_full_disk() {
+    let mut g = GraphBuilder::default();
+    g.initializer("w", TensorData::f32(&[64, 64], &vec![0.5; 64 * 64]));
+    let err = g.write("g", "g.data", &mut Vec::new(), &mut FullDisk { left: 1000 }).expect_err("fails");
+    assert_eq!(err.kind(), std::io::ErrorKind::StorageFull);
+    let mut data = Vec::new();
+    let written = g.write("g", "g.data", &mut FullDisk { left: 1 << 20 }, &mut data).expect("fits");
+    assert_eq!(written.data_bytes, 64 * 64 * 4);
+    assert_eq!(DType::F32.onnx(), 1);
+}
