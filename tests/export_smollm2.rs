@@ -7,10 +7,8 @@ mod common;
 use std::path::Path;
 
 use kiln::model::reference::{argmax, Logits, Reference};
-use kiln::model::Weights;
 use kiln::onnx::manifest::Manifest;
 use kiln::onnx::recipe::Recipe;
-use kiln::quant;
 use kiln::runtime::{OrtDecoder, SessionOptions, StepInput};
 use ndarray::{Array1, Array2, ArrayView1};
 
@@ -104,35 +102,6 @@ fn fp32_matches_the_reference_forward_and_transformers() {
     }
 }
 
-/// Weights as a quantized artifact stores them: each matrix quantized by the recipe's
-/// scheme and dequantized again; the lm_head quantized on its own even when tied.
-fn dequantized(weights: &Weights, recipe: &Recipe) -> Weights {
-    let round_trip = |name: &str, w: &Array2<f32>| -> Array2<f32> {
-        match quant::quantize(w.view(), &recipe.scheme_for(name)) {
-            Some(q) => q.dequantize(),
-            None => w.clone(),
-        }
-    };
-    let mut out = weights.clone();
-    out.embed_tokens = round_trip("model.embed_tokens.weight", &weights.embed_tokens);
-    out.lm_head = Some(round_trip("lm_head.weight", weights.lm_head()));
-    for (i, l) in out.layers.iter_mut().enumerate() {
-        let p = format!("model.layers.{i}");
-        for (name, lin) in [
-            ("self_attn.q_proj", &mut l.q_proj),
-            ("self_attn.k_proj", &mut l.k_proj),
-            ("self_attn.v_proj", &mut l.v_proj),
-            ("self_attn.o_proj", &mut l.o_proj),
-            ("mlp.gate_proj", &mut l.gate_proj),
-            ("mlp.up_proj", &mut l.up_proj),
-            ("mlp.down_proj", &mut l.down_proj),
-        ] {
-            lin.weight = round_trip(&format!("{p}.{name}.weight"), &lin.weight);
-        }
-    }
-    out
-}
-
 #[test]
 fn quantized_artifacts_compute_their_dequantized_weights() {
     let model = common::smollm2();
@@ -140,7 +109,7 @@ fn quantized_artifacts_compute_their_dequantized_weights() {
     for name in ["int8", "int4", "int4-g64-sym"] {
         let dir = common::artifact(name);
         let recipe = Recipe::load(&common::repo().join(format!("export/{name}.toml"))).expect("recipe");
-        let weights = dequantized(&model.weights, &recipe);
+        let weights = common::reconstructed_weights(&model.weights, &recipe);
         let reference = Reference::from_parts(&model.config, &weights);
         // Exact math: fused MatMulNBits computes in f32 (accuracy level 1), not int8.
         let opts = SessionOptions { matmul_accuracy_level: Some(1), ..Default::default() };

@@ -496,3 +496,37 @@ pub fn write_recipe(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
     std::fs::write(&path, text).expect("recipe");
     path
 }
+
+/// The weights a recipe's artifact holds: each matrix through its scheme and back.
+pub fn reconstructed_weights(
+    weights: &kiln::model::Weights,
+    recipe: &kiln::onnx::recipe::Recipe,
+) -> kiln::model::Weights {
+    use kiln::quant::{quantize, Precision};
+    use ndarray::Array2;
+    let round_trip = |name: &str, w: &Array2<f32>| -> Array2<f32> {
+        let scheme = recipe.scheme_for(name);
+        match (scheme.precision, quantize(w.view(), &scheme)) {
+            (_, Some(q)) => q.dequantize(),
+            (Precision::Fp16, None) => w.mapv(|v| half::f16::from_f32(v).to_f32()),
+            _ => w.clone(),
+        }
+    };
+    let mut out = weights.clone();
+    out.embed_tokens = round_trip("model.embed_tokens.weight", &weights.embed_tokens);
+    out.lm_head = Some(round_trip("lm_head.weight", weights.lm_head()));
+    for (i, l) in out.layers.iter_mut().enumerate() {
+        for (name, lin) in [
+            ("self_attn.q_proj", &mut l.q_proj),
+            ("self_attn.k_proj", &mut l.k_proj),
+            ("self_attn.v_proj", &mut l.v_proj),
+            ("self_attn.o_proj", &mut l.o_proj),
+            ("mlp.gate_proj", &mut l.gate_proj),
+            ("mlp.up_proj", &mut l.up_proj),
+            ("mlp.down_proj", &mut l.down_proj),
+        ] {
+            lin.weight = round_trip(&format!("model.layers.{i}.{name}.weight"), &lin.weight);
+        }
+    }
+    out
+}
