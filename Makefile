@@ -9,7 +9,7 @@ TOKENS ?= 48
 VENV := .venv
 KILN := target/release/kiln
 
-.PHONY: setup test demo export lint build
+.PHONY: setup test demo export check test-gpu lint build
 
 # Fetch the ONNX Runtime library, the default model and the corpus; make the Python venv
 # the tests use (onnx checker, ONNX Runtime's Python API, tokenizers).
@@ -32,6 +32,16 @@ test: setup
 # Every recipe in export/ → export/out/NAME (up-to-date artifacts are skipped).
 export: setup build
 	$(KILN) export export/*.toml
+
+# Prove every artifact `make export` built (tract parity, quality vs FP32, weight integrity).
+check: export
+	$(KILN) check export/out/*/
+
+# The parity suite on CUDA and TensorRT against the tract reference. A provider whose
+# libraries are missing prints `SKIPPED: <reason>`; see the README for what to install.
+test-gpu: export
+	$(KILN) check --skip-unavailable --ep cuda export/out/*/
+	$(KILN) check --skip-unavailable --ep tensorrt export/out/*/
 
 # Main job (for now): greedy generation on the default model with the reference backend.
 demo: setup build

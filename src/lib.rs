@@ -12,12 +12,15 @@
 //!    pure math on ndarray.
 //! 3. [`onnx`]: how a model is written: graph builder, decoder graph with QDQ weights,
 //!    recipes, and the artifact directory with its manifest.
-//! 4. [`runtime`]: ONNX Runtime sessions over artifacts (the only room that names `ort`).
+//! 4. [`check`]: how an artifact is proven: tract reference (with in-memory lowering of
+//!    4-bit DequantizeLinear), parity with ONNX Runtime, quality against FP32.
+//! 5. [`runtime`]: ONNX Runtime sessions over artifacts (the only room that names `ort`).
 //!
 //! Dependencies point one way: later rooms (quantization, ONNX writing, checking,
 //! runtime, engine, serving) read from `model`, never the reverse.
 #![warn(missing_docs, clippy::unwrap_used)]
 
+pub mod check;
 pub mod model;
 pub mod onnx;
 pub mod quant;

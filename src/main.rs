@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use kiln::check::report::CheckOptions;
 use kiln::model::gguf::GgufFile;
 use kiln::model::reference::Reference;
 use kiln::model::tokenizer::TextStream;
@@ -14,6 +15,8 @@ use kiln::model::{default_model_path, Model};
 use kiln::onnx::decoder::TensorReport;
 use kiln::onnx::export::{export_recipe, ExportOptions, ExportOutcome, Progress};
 use kiln::onnx::manifest::{self, Manifest};
+use kiln::onnx::recipe::CheckThresholds;
+use kiln::runtime::Provider;
 
 #[derive(Parser)]
 #[command(name = "kiln", version, about = "Quantize, export, check and serve causal language models")]
@@ -49,6 +52,50 @@ enum Command {
         #[arg(long, short)]
         output: Option<PathBuf>,
     },
+    /// Prove artifacts: tract reference vs ONNX Runtime parity, quality against the FP32
+    /// artifact, weight integrity. Exits non-zero when any check fails.
+    Check {
+        /// Artifact directories.
+        #[arg(required = true)]
+        artifacts: Vec<PathBuf>,
+        /// Execution provider ONNX Runtime runs on (an unavailable one is an error).
+        #[arg(long, value_enum, default_value_t = Ep::Cpu)]
+        ep: Ep,
+        /// FP32 artifact to compare quality with (default: found beside each artifact).
+        #[arg(long)]
+        baseline: Option<PathBuf>,
+        /// Held-out text for quality (default: Hamlet from the fetched corpus).
+        #[arg(long)]
+        text: Option<PathBuf>,
+        /// Tokens scored for quality.
+        #[arg(long, default_value_t = 4096)]
+        tokens: usize,
+        /// Quality window length.
+        #[arg(long, default_value_t = 512)]
+        window: usize,
+        /// Greedy decode steps after each parity prefill.
+        #[arg(long, default_value_t = 32)]
+        decode_steps: usize,
+        /// Fail when perplexity rises by more than this fraction (overrides the recipe).
+        #[arg(long)]
+        max_ppl_increase: Option<f64>,
+        /// Fail when mean KL(fp32 ‖ artifact) exceeds this (overrides the recipe).
+        #[arg(long)]
+        max_mean_kl: Option<f64>,
+        /// Fail when top-1 agreement with FP32 falls below this (overrides the recipe).
+        #[arg(long)]
+        min_top1: Option<f64>,
+        /// TensorRT: allow fp16 kernels.
+        #[arg(long)]
+        trt_fp16: bool,
+        /// When the execution provider is not available, print `SKIPPED: <reason>` and
+        /// exit 0 instead of failing (for `make test-gpu` on machines without a GPU).
+        #[arg(long)]
+        skip_unavailable: bool,
+        /// Print one JSON report per artifact instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the token ids of a text.
     Tokenize {
         /// A GGUF file or a Hugging Face directory.
@@ -79,6 +126,26 @@ enum Command {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum Ep {
+    /// ONNX Runtime's CPU execution provider.
+    Cpu,
+    /// CUDA (onnxruntime-gpu).
+    Cuda,
+    /// TensorRT (onnxruntime-gpu + TensorRT 10).
+    Tensorrt,
+}
+
+impl From<Ep> for Provider {
+    fn from(e: Ep) -> Provider {
+        match e {
+            Ep::Cpu => Provider::Cpu,
+            Ep::Cuda => Provider::Cuda,
+            Ep::Tensorrt => Provider::TensorRt,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum Backend {
     /// kiln's native f32 forward pass (ndarray).
     Reference,
@@ -97,11 +164,67 @@ fn main() -> Result<()> {
             }
         }
         Command::Export { recipes, force, output } => export(&recipes, force, output),
+        Command::Check {
+            artifacts,
+            ep,
+            baseline,
+            text,
+            tokens,
+            window,
+            decode_steps,
+            max_ppl_increase,
+            max_mean_kl,
+            min_top1,
+            trt_fp16,
+            skip_unavailable,
+            json,
+        } => {
+            let provider: Provider = ep.into();
+            if let (true, Err(reason)) = (skip_unavailable, provider.availability()) {
+                println!("SKIPPED: {} execution provider: {reason}", provider.name());
+                return Ok(());
+            }
+            let opts = CheckOptions {
+                provider,
+                baseline,
+                text,
+                tokens,
+                window,
+                decode_steps,
+                thresholds: CheckThresholds { max_ppl_increase, max_mean_kl, min_top1 },
+                trt_fp16,
+            };
+            check(&artifacts, &opts, json)
+        }
         Command::Tokenize { model, text, json } => tokenize(model, &text, json),
         Command::Generate { model, backend: Backend::Reference, prompt, max_tokens, json } => {
             generate(model.unwrap_or_else(default_model_path), &prompt, max_tokens, json)
         }
     }
+}
+
+fn check(artifacts: &[PathBuf], opts: &CheckOptions, json: bool) -> Result<()> {
+    let mut failed = Vec::new();
+    for dir in artifacts {
+        let spinner = indicatif::ProgressBar::new_spinner();
+        spinner.enable_steady_tick(std::time::Duration::from_millis(200));
+        let report =
+            kiln::check::report::check(dir, opts, &mut |msg| spinner.set_message(format!("{}: {msg}", dir.display())));
+        spinner.finish_and_clear();
+        let report = report.with_context(|| format!("checking {}", dir.display()))?;
+        if json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            println!("{}", kiln::check::report::render(&report));
+        }
+        if !report.pass() {
+            failed.push(format!("{}: {}", dir.display(), report.failures.join("; ")));
+        }
+    }
+    if !failed.is_empty() {
+        bail!("check failed:\n  {}", failed.join("\n  "));
+    }
+    Ok(())
 }
 
 fn export(recipes: &[PathBuf], force: bool, output: Option<PathBuf>) -> Result<()> {

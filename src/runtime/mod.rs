@@ -76,9 +76,154 @@ pub enum Optimization {
     All,
 }
 
+/// Where ONNX Runtime runs the graph.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Provider {
+    /// The CPU execution provider (always available).
+    #[default]
+    Cpu,
+    /// CUDA (needs onnxruntime-gpu's provider library, CUDA 13 and cuDNN 9).
+    Cuda,
+    /// TensorRT (needs onnxruntime-gpu's provider library and TensorRT 10).
+    TensorRt,
+}
+
+impl Provider {
+    /// Lower-case name as the command line spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Provider::Cpu => "cpu",
+            Provider::Cuda => "cuda",
+            Provider::TensorRt => "tensorrt",
+        }
+    }
+
+    /// `Ok` when the libraries this provider needs can be found, else why not. Session
+    /// creation has the final word (a provider that fails to register is an error).
+    pub fn availability(self) -> Result<(), String> {
+        let (provider_lib, runtime_libs): (&str, &[&str]) = match self {
+            Provider::Cpu => return Ok(()),
+            Provider::Cuda => {
+                ("libonnxruntime_providers_cuda.so", &["libcuda.so.1", "libcudart.so.13", "libcudnn.so.9"])
+            }
+            Provider::TensorRt => {
+                ("libonnxruntime_providers_tensorrt.so", &["libcuda.so.1", "libcudart.so.13", "libnvinfer.so.10"])
+            }
+        };
+        let ort_lib = ort_library_path();
+        let dir = ort_lib.parent().unwrap_or(Path::new("."));
+        if !dir.join(provider_lib).is_file() {
+            return Err(format!(
+                "{provider_lib} is not beside {} (install onnxruntime-gpu==1.31.1 and point KILN_ORT_LIB at its \
+                 libonnxruntime.so.1.31.1)",
+                ort_lib.display()
+            ));
+        }
+        for lib in runtime_libs {
+            if !can_load(lib) {
+                return Err(format!(
+                    "{lib} cannot be loaded (no NVIDIA driver, CUDA 13, cuDNN 9 or TensorRT 10 on the library path)"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether the dynamic loader finds `lib`.
+fn can_load(lib: &str) -> bool {
+    let Ok(name) = std::ffi::CString::new(lib) else { return false };
+    // SAFETY: dlopen with a valid C string; the handle is closed at once.
+    unsafe {
+        let h = libc::dlopen(name.as_ptr(), libc::RTLD_LAZY | libc::RTLD_LOCAL);
+        if h.is_null() {
+            return false;
+        }
+        libc::dlclose(h);
+    }
+    true
+}
+
+/// TensorRT settings, usually derived from the artifact with [`TensorRtOptions::for_artifact`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TensorRtOptions {
+    /// Allow fp16 kernels.
+    pub fp16: bool,
+    /// Run QDQ (INT8/INT4) graphs with integer kernels; QDQ models need it.
+    pub int8: bool,
+    /// Where built engines are cached (an engine build takes minutes).
+    pub engine_cache: Option<PathBuf>,
+    /// Optimization profile for the dynamic inputs.
+    pub profile: ProfileShapes,
+}
+
+/// Min/opt/max shapes of every dynamic input, in TensorRT's `name:AxBxC,...` form.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProfileShapes {
+    /// Smallest shapes.
+    pub min: String,
+    /// Shapes the engine is tuned for.
+    pub opt: String,
+    /// Largest shapes.
+    pub max: String,
+}
+
+/// The range of batch, new-token and past lengths an engine must accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShapeRange {
+    /// Largest batch.
+    pub max_batch: usize,
+    /// Largest number of new tokens in one run (the longest prefill chunk).
+    pub max_seq: usize,
+    /// Largest past length.
+    pub max_past: usize,
+    /// Batch the engine is tuned for.
+    pub opt_batch: usize,
+    /// Past length the engine is tuned for (decode: one new token).
+    pub opt_past: usize,
+}
+
+impl ProfileShapes {
+    /// Profiles for every input of `m`'s graph over `r`: min is one sequence of one token
+    /// with no past, opt a decode step (one token) at `opt_past`, max a full prefill chunk
+    /// at `max_past`; the mask spans past + new tokens.
+    pub fn for_manifest(m: &Manifest, r: &ShapeRange) -> ProfileShapes {
+        let c = &m.config;
+        let shapes = |batch: usize, seq: usize, past: usize| -> String {
+            let mut parts = vec![
+                format!("input_ids:{batch}x{seq}"),
+                format!("attention_mask:{batch}x{}", past + seq),
+                format!("position_ids:{batch}x{seq}"),
+            ];
+            for name in m.io.inputs.iter().filter(|n| n.starts_with("past_key_values.")) {
+                parts.push(format!("{name}:{batch}x{}x{past}x{}", c.num_kv_heads, c.head_dim));
+            }
+            parts.join(",")
+        };
+        ProfileShapes {
+            min: shapes(1, 1, 0),
+            opt: shapes(r.opt_batch, 1, r.opt_past),
+            max: shapes(r.max_batch, r.max_seq, r.max_past),
+        }
+    }
+}
+
+impl TensorRtOptions {
+    /// Options for artifact `m`: INT8 kernels enabled when any weight is integer-quantized,
+    /// profiles over `r`, engines cached in `cache`.
+    pub fn for_artifact(m: &Manifest, r: &ShapeRange, fp16: bool, cache: Option<PathBuf>) -> TensorRtOptions {
+        let int8 = m.tensors.iter().any(|t| t.scheme.precision.bits().is_some());
+        TensorRtOptions { fp16, int8, engine_cache: cache, profile: ProfileShapes::for_manifest(m, r) }
+    }
+}
+
 /// Session settings. `Default` is what serving uses on CPU.
 #[derive(Debug, Clone, Default)]
 pub struct SessionOptions {
+    /// Execution provider.
+    pub provider: Provider,
+    /// TensorRT settings (with `Provider::TensorRt`).
+    pub tensorrt: Option<TensorRtOptions>,
     /// Intra-op threads; 0 lets ONNX Runtime choose.
     pub intra_threads: usize,
     /// Graph optimization level.
@@ -158,7 +303,8 @@ pub struct OrtDecoder {
 }
 
 impl OrtDecoder {
-    /// Opens `dir/model.onnx` with `opts` on the CPU execution provider.
+    /// Opens `dir/model.onnx` with `opts`. A GPU provider that cannot register is an
+    /// error, never a silent fallback to the CPU.
     pub fn open(dir: &Path, opts: &SessionOptions) -> Result<Self, RuntimeError> {
         let manifest = Manifest::read(dir)
             .map_err(|e| RuntimeError::Artifact { path: dir.join(manifest::MANIFEST_FILE), reason: e.to_string() })?;
@@ -184,6 +330,28 @@ impl OrtDecoder {
             b = b
                 .with_config_entry("session.qdq_matmulnbits_accuracy_level", level.to_string())
                 .map_err(|e| fail(e.to_string()))?;
+        }
+        if opts.provider != Provider::Cpu {
+            opts.provider
+                .availability()
+                .map_err(|reason| fail(format!("{} execution provider: {reason}", opts.provider.name())))?;
+            let ep = match opts.provider {
+                Provider::Cuda => ort::ep::CUDA::default().build().error_on_failure(),
+                _ => {
+                    let t = opts.tensorrt.clone().unwrap_or_default();
+                    let mut ep = ort::ep::TensorRT::default()
+                        .with_fp16(t.fp16)
+                        .with_int8(t.int8)
+                        .with_profile_min_shapes(&t.profile.min)
+                        .with_profile_opt_shapes(&t.profile.opt)
+                        .with_profile_max_shapes(&t.profile.max);
+                    if let Some(dir) = &t.engine_cache {
+                        ep = ep.with_engine_cache(true).with_engine_cache_path(dir.display());
+                    }
+                    ep.build().error_on_failure()
+                }
+            };
+            b = b.with_execution_providers([ep]).map_err(|e| fail(e.to_string()))?;
         }
         if let Some(p) = &opts.optimized_model_path {
             b = b.with_optimized_model_path(p).map_err(|e| fail(e.to_string()))?;

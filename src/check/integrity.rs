@@ -1,0 +1,109 @@
+//! Weight integrity: every quantized tensor of an artifact, decoded from its file, against
+//! the same tensor of the FP32 artifact of the same source. The relative error recomputed
+//! here must equal the one the exporter recorded in `kiln.json`; a corrupted scale, a
+//! swapped row or a mismatched file shows up as a larger error, named by tensor.
+
+use serde::{Deserialize, Serialize};
+
+use super::artifact::ArtifactFiles;
+use super::lowering::unpack_codes;
+use super::CheckError;
+use crate::quant::{Layout, QuantError};
+
+/// Recomputed errors may differ from the recorded ones by summation order only.
+const SAME_ERROR: f64 = 1e-4;
+
+/// One tensor whose recomputed error differs from the recorded one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Mismatch {
+    /// Tensor name.
+    pub tensor: String,
+    /// Relative error in kiln.json.
+    pub recorded: f64,
+    /// Relative error of the file against the FP32 artifact.
+    pub actual: f64,
+}
+
+/// Integrity over all quantized tensors.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Integrity {
+    /// Tensors compared.
+    pub tensors: usize,
+    /// Largest recomputed relative error.
+    pub max_rel_error: f64,
+    /// Tensors that differ from their record.
+    pub mismatches: Vec<Mismatch>,
+}
+
+/// Compares every integer-quantized tensor of `candidate` with `baseline` (an FP32 artifact).
+pub fn compare(candidate: &ArtifactFiles, baseline: &ArtifactFiles) -> Result<Integrity, CheckError> {
+    let mut out = Integrity { tensors: 0, max_rel_error: 0.0, mismatches: Vec::new() };
+    for t in candidate.manifest.tensors.iter().filter(|t| t.scheme.precision.bits().is_some()) {
+        let missing = |what: &str| CheckError::Artifact {
+            path: candidate.dir.join("model.onnx"),
+            reason: format!("initializer {what} listed in kiln.json is not in the graph"),
+        };
+        let codes_t = candidate.initializer(&t.name).ok_or_else(|| missing(&t.name))?;
+        let scale_name = format!("{}.scale", t.name);
+        let scales_t = candidate.initializer(&scale_name).ok_or_else(|| missing(&scale_name))?;
+        let zp_t = candidate.initializer(&format!("{}.zero_point", t.name));
+        let base_t = baseline.initializer(&t.name).ok_or_else(|| CheckError::Artifact {
+            path: baseline.dir.join("model.onnx"),
+            reason: format!("baseline has no tensor {}", t.name),
+        })?;
+        let base: Vec<f32> =
+            baseline.bytes(base_t)?.as_chunks::<4>().0.iter().map(|b| f32::from_le_bytes(*b)).collect();
+        let codes = unpack_codes(codes_t, &candidate.bytes(codes_t)?)?;
+        let scales: Vec<f32> =
+            candidate.bytes(scales_t)?.as_chunks::<4>().0.iter().map(|b| f32::from_le_bytes(*b)).collect();
+        let zps = match zp_t {
+            Some(z) => Some(unpack_codes(z, &candidate.bytes(z)?)?),
+            None => None,
+        };
+        if codes.len() != base.len() || codes_t.dims != base_t.dims {
+            return Err(CheckError::Artifact {
+                path: candidate.dir.join("model.onnx"),
+                reason: format!("{}: dims {:?}, baseline {:?}", t.name, codes_t.dims, base_t.dims),
+            });
+        }
+        // Stored orientation: linear weights [in, out] (scales per output column, blocks
+        // down the rows); the embedding [vocab, hidden] (scales per row, blocks along it).
+        let (rows, cols) = (codes_t.dims[0] as usize, codes_t.dims[1] as usize);
+        let embedding = t.name == "model.embed_tokens.weight";
+        let block = t.scheme.block_size.max(1);
+        let index = |r: usize, c: usize| -> usize {
+            match (t.scheme.layout, embedding) {
+                (Layout::PerTensor, _) => 0,
+                (Layout::PerChannel, true) => r,
+                (Layout::PerChannel, false) => c,
+                (Layout::Blocked, true) => r * cols.div_ceil(block) + c / block,
+                (Layout::Blocked, false) => (r / block) * cols + c,
+            }
+        };
+        let signed = zps.is_none();
+        let mut decoded = Vec::with_capacity(codes.len());
+        for r in 0..rows {
+            for c in 0..cols {
+                let k = index(r, c);
+                let code = codes[r * cols + c];
+                let centered =
+                    if signed { code as i8 as f32 } else { code as f32 - zps.as_ref().map_or(0.0, |z| z[k] as f32) };
+                let scale = *scales.get(k).ok_or_else(|| CheckError::Artifact {
+                    path: candidate.dir.join("model.onnx"),
+                    reason: format!("{}: {} scales, index {k} needed", t.name, scales.len()),
+                })?;
+                decoded.push(centered * scale);
+            }
+        }
+        let view = |v: &[f32]| ndarray::ArrayView2::from_shape((rows, cols), v).map(|a| a.to_owned());
+        let (a, b) = (view(&base), view(&decoded));
+        let (Ok(a), Ok(b)) = (a, b) else { return Err(CheckError::Run(format!("{}: shape", t.name))) };
+        let actual = QuantError::between(a.view(), b.view()).rel_frobenius;
+        out.tensors += 1;
+        out.max_rel_error = out.max_rel_error.max(actual);
+        if (actual - t.error.rel_frobenius).abs() > SAME_ERROR * t.error.rel_frobenius.max(1e-6) {
+            out.mismatches.push(Mismatch { tensor: t.name.clone(), recorded: t.error.rel_frobenius, actual });
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,172 @@
+//! Parity: the same token ids through two runners (tract and ONNX Runtime), step by step,
+//! with per-step logit differences, top-1 agreement and KL divergence.
+
+use ndarray::{s, Array2, ArrayView1};
+use serde::{Deserialize, Serialize};
+
+use super::tract::TractDecoder;
+use super::CheckError;
+use crate::model::reference::argmax;
+use crate::onnx::manifest::Manifest;
+use crate::runtime::{KvTensors, OrtDecoder, StepInput, StepOutput};
+
+/// Something that runs an artifact's decoder graph.
+pub trait Runner {
+    /// One run.
+    fn step(&mut self, input: StepInput) -> Result<StepOutput, CheckError>;
+}
+
+impl Runner for TractDecoder {
+    fn step(&mut self, input: StepInput) -> Result<StepOutput, CheckError> {
+        self.run(input)
+    }
+}
+
+impl Runner for OrtDecoder {
+    fn step(&mut self, input: StepInput) -> Result<StepOutput, CheckError> {
+        self.run(input).map_err(|e| CheckError::Run(e.to_string()))
+    }
+}
+
+/// Differences at one step (the prefill is step 0), over every real (unpadded) position.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct StepStats {
+    /// 0 for the prefill, then one per decode step.
+    pub step: usize,
+    /// max |a − b| over the logits compared.
+    pub max_abs: f32,
+    /// max over rows of max |a − b| / max |b|.
+    pub max_rel: f32,
+    /// Share of rows whose argmax agrees (over every row of every step in a worst-of).
+    pub top1: f64,
+    /// Rows compared.
+    pub rows: usize,
+    /// Largest KL(softmax(a) ‖ softmax(b)) over rows, in nats.
+    pub max_kl: f64,
+}
+
+/// Parity over a whole run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Parity {
+    /// Sequences in the batch.
+    pub batch: usize,
+    /// Per step.
+    pub steps: Vec<StepStats>,
+}
+
+impl Parity {
+    /// Over all steps: the largest differences, and top-1 agreement over all rows.
+    pub fn worst(&self) -> StepStats {
+        let rows: usize = self.steps.iter().map(|s| s.rows).sum();
+        let agree: f64 = self.steps.iter().map(|s| s.top1 * s.rows as f64).sum();
+        self.steps.iter().fold(
+            StepStats { step: 0, max_abs: 0.0, max_rel: 0.0, top1: agree / rows.max(1) as f64, rows, max_kl: 0.0 },
+            |w, s| StepStats {
+                step: w.step.max(s.step),
+                max_abs: w.max_abs.max(s.max_abs),
+                max_rel: w.max_rel.max(s.max_rel),
+                max_kl: w.max_kl.max(s.max_kl),
+                ..w
+            },
+        )
+    }
+}
+
+/// Runs `prompts` (left-padded into one batch) through `a` and `b`, then `decode_steps`
+/// greedy steps in which both are fed the token `a` chooses, comparing every step.
+pub fn compare(
+    m: &Manifest,
+    a: &mut dyn Runner,
+    b: &mut dyn Runner,
+    prompts: &[Vec<u32>],
+    decode_steps: usize,
+) -> Result<Parity, CheckError> {
+    let batch = prompts.len();
+    let len = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    if batch == 0 || len == 0 {
+        return Err(CheckError::Run("parity needs at least one non-empty prompt".into()));
+    }
+    let pads: Vec<usize> = prompts.iter().map(|p| len - p.len()).collect();
+    let mut ids = Array2::<i64>::zeros((batch, len));
+    let mut mask = Array2::<i64>::zeros((batch, len));
+    let mut pos = Array2::<i64>::zeros((batch, len));
+    for (r, p) in prompts.iter().enumerate() {
+        for (j, &t) in p.iter().enumerate() {
+            ids[[r, pads[r] + j]] = t as i64;
+            mask[[r, pads[r] + j]] = 1;
+            pos[[r, pads[r] + j]] = j as i64;
+        }
+    }
+    let empty = || -> KvTensors {
+        let c = &m.config;
+        let shape = (batch, c.num_kv_heads, 0, c.head_dim);
+        (0..c.num_layers).map(|_| (ndarray::Array4::zeros(shape), ndarray::Array4::zeros(shape))).collect()
+    };
+    let (mut past_a, mut past_b) = (empty(), empty());
+    let mut next_pos: Vec<i64> = prompts.iter().map(|p| p.len() as i64).collect();
+    let mut steps = Vec::with_capacity(decode_steps + 1);
+    for step in 0..=decode_steps {
+        let input =
+            |past| StepInput { input_ids: ids.clone(), attention_mask: mask.clone(), position_ids: pos.clone(), past };
+        let oa = a.step(input(past_a))?;
+        let ob = b.step(input(past_b))?;
+        let seq = ids.ncols();
+        let mut stats = StepStats { step, max_abs: 0.0, max_rel: 0.0, top1: 0.0, rows: 0, max_kl: 0.0 };
+        let mut rows = 0usize;
+        let mut agree = 0usize;
+        let mut next = Vec::with_capacity(batch);
+        for (r, &pad) in pads.iter().enumerate() {
+            let first = if step == 0 { pad } else { 0 };
+            for j in first..seq {
+                let (x, y) = (oa.logits.slice(s![r, j, ..]), ob.logits.slice(s![r, j, ..]));
+                let (abs, rel, kl) = row_stats(x, y);
+                stats.max_abs = stats.max_abs.max(abs);
+                stats.max_rel = stats.max_rel.max(rel);
+                stats.max_kl = stats.max_kl.max(kl);
+                agree += usize::from(argmax(x) == argmax(y));
+                rows += 1;
+            }
+            next.push(argmax(oa.logits.slice(s![r, seq - 1, ..])));
+        }
+        stats.top1 = agree as f64 / rows as f64;
+        stats.rows = rows;
+        steps.push(stats);
+        past_a = oa.present;
+        past_b = ob.present;
+        // Feed a's choice to both.
+        let total = mask.ncols() + 1;
+        let mut new_mask = Array2::<i64>::ones((batch, total));
+        new_mask.slice_mut(s![.., ..total - 1]).assign(&mask);
+        mask = new_mask;
+        ids = Array2::from_shape_fn((batch, 1), |(r, _)| next[r] as i64);
+        pos = Array2::from_shape_fn((batch, 1), |(r, _)| next_pos[r]);
+        for p in next_pos.iter_mut() {
+            *p += 1;
+        }
+    }
+    Ok(Parity { batch, steps })
+}
+
+/// (max |a − b|, that over max |b|, KL(softmax a ‖ softmax b)).
+fn row_stats(a: ArrayView1<f32>, b: ArrayView1<f32>) -> (f32, f32, f64) {
+    let abs = a.iter().zip(b.iter()).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(f32::MIN_POSITIVE);
+    (abs, abs / scale, kl_divergence(a, b))
+}
+
+/// KL(softmax(p) ‖ softmax(q)) in nats, computed in f64.
+pub fn kl_divergence(p: ArrayView1<f32>, q: ArrayView1<f32>) -> f64 {
+    let lse = |v: ArrayView1<f32>| {
+        let m = v.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
+        m + v.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln()
+    };
+    let (lp, lq) = (lse(p), lse(q));
+    p.iter()
+        .zip(q.iter())
+        .map(|(&x, &y)| {
+            let lpx = x as f64 - lp;
+            lpx.exp() * (lpx - (y as f64 - lq))
+        })
+        .sum::<f64>()
+        .max(0.0)
+}

