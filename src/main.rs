@@ -270,6 +270,13 @@ impl Progress for Bar {
             bar.inc(1);
         }
     }
+
+    fn layer(&mut self) {
+        if let Some(bar) = &self.0 {
+            bar.set_message("calibrating (GPTQ)");
+            bar.inc(1);
+        }
+    }
 }
 
 impl Bar {

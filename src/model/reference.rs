@@ -39,6 +39,19 @@ pub enum ForwardError {
     Empty,
 }
 
+/// The inputs of a layer's groups of linear layers, as calibration sees them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Site {
+    /// After the input RMSNorm: the input of q, k and v.
+    Attention,
+    /// The attention context: the input of o_proj.
+    Output,
+    /// After the post-attention RMSNorm: the input of gate and up.
+    Mlp,
+    /// silu(gate) ⊙ up: the input of down_proj.
+    Down,
+}
+
 /// Which logits a forward pass returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Logits {
@@ -149,12 +162,26 @@ impl<'m> Reference<'m> {
     /// `cache.len()..`, in place; writes the layer's keys and values into `cache` (the
     /// caller advances `cache.len()` once all layers ran).
     pub fn layer(&self, i: usize, x: &mut Array2<f32>, cache: &mut KvCache) {
+        self.layer_observed(i, x, cache, &mut |_, _| {});
+    }
+
+    /// [`layer`](Self::layer), showing `observe` the input of each group of linear layers
+    /// (what calibration collects statistics from).
+    pub fn layer_observed(
+        &self,
+        i: usize,
+        x: &mut Array2<f32>,
+        cache: &mut KvCache,
+        observe: &mut dyn FnMut(Site, ArrayView2<f32>),
+    ) {
         let w = &self.weights.layers[i];
         let h = rms_norm(x.view(), &w.input_layernorm, self.config.rms_norm_eps);
-        let attn = self.attention(i, w, h.view(), cache);
+        observe(Site::Attention, h.view());
+        let attn = self.attention(i, w, h.view(), cache, observe);
         *x += &attn;
         let h = rms_norm(x.view(), &w.post_attention_layernorm, self.config.rms_norm_eps);
-        *x += &mlp(w, h.view());
+        observe(Site::Mlp, h.view());
+        *x += &mlp(w, h.view(), observe);
     }
 
     /// Final norm and lm_head over hidden states `[rows, hidden]`.
@@ -163,7 +190,14 @@ impl<'m> Reference<'m> {
         matmul_t(h.view(), self.weights.lm_head())
     }
 
-    fn attention(&self, layer: usize, w: &LayerWeights, h: ArrayView2<f32>, cache: &mut KvCache) -> Array2<f32> {
+    fn attention(
+        &self,
+        layer: usize,
+        w: &LayerWeights,
+        h: ArrayView2<f32>,
+        cache: &mut KvCache,
+        observe: &mut dyn FnMut(Site, ArrayView2<f32>),
+    ) -> Array2<f32> {
         let c = self.config;
         let (seq, d) = (h.nrows(), c.head_dim);
         let start = cache.len;
@@ -201,6 +235,7 @@ impl<'m> Reference<'m> {
             }
             out.slice_mut(s![.., head * d..(head + 1) * d]).assign(&scores.dot(&values));
         }
+        observe(Site::Output, out.view());
         linear(out.view(), &w.o_proj)
     }
 
@@ -253,10 +288,11 @@ fn matmul_t(x: ArrayView2<f32>, w: &Array2<f32>) -> Array2<f32> {
 }
 
 /// SwiGLU MLP: `down(silu(gate(x)) ⊙ up(x))`.
-fn mlp(w: &LayerWeights, h: ArrayView2<f32>) -> Array2<f32> {
+fn mlp(w: &LayerWeights, h: ArrayView2<f32>, observe: &mut dyn FnMut(Site, ArrayView2<f32>)) -> Array2<f32> {
     let mut gate = linear(h, &w.gate_proj);
     let up = linear(h, &w.up_proj);
     gate.zip_mut_with(&up, |g, &u| *g = *g / (1.0 + (-*g).exp()) * u);
+    observe(Site::Down, gate.view());
     linear(gate.view(), &w.down_proj)
 }
 

@@ -19,6 +19,8 @@
 //! Grouped-query attention runs in 5-D, `[batch, kv_heads, group, seq, head_dim]`, so each
 //! key/value head is read by its `group` query heads by broadcasting, with no copy.
 
+use std::collections::HashMap;
+
 use ndarray::Array2;
 
 use super::builder::{Attr, DType, Dim, GraphBuilder, TensorData};
@@ -54,6 +56,9 @@ pub struct DecoderSource<'a> {
     pub weights: &'a Weights,
     /// Positions covered by the rotary tables (the longest context the graph accepts).
     pub max_context: usize,
+    /// Matrices already quantized by a calibration method (GPTQ), by Hugging Face name;
+    /// the others are quantized here by round-to-nearest.
+    pub prequantized: &'a HashMap<String, Quantized>,
 }
 
 /// Builds the decoder graph; `on_tensor` is called after each weight matrix is stored.
@@ -62,7 +67,13 @@ pub fn build(
     scheme_for: &SchemeFor<'_>,
     on_tensor: &mut dyn FnMut(&TensorReport),
 ) -> Result<(GraphBuilder, Vec<TensorReport>), ExportError> {
-    let mut d = Decoder { g: GraphBuilder::default(), c: src.config, reports: Vec::new(), on_tensor };
+    let mut d = Decoder {
+        g: GraphBuilder::default(),
+        c: src.config,
+        reports: Vec::new(),
+        on_tensor,
+        prequantized: src.prequantized,
+    };
     d.graph(src, scheme_for)?;
     Ok((d.g, d.reports))
 }
@@ -92,6 +103,7 @@ struct Decoder<'a, 'c> {
     c: &'c ModelConfig,
     reports: Vec<TensorReport>,
     on_tensor: &'a mut dyn FnMut(&TensorReport),
+    prequantized: &'c HashMap<String, Quantized>,
 }
 
 /// Values every layer reads.
@@ -358,8 +370,11 @@ impl Decoder<'_, '_> {
                 (v, bytes, error)
             }
             Precision::Int8 | Precision::Int4 => {
-                let q =
-                    quant::quantize(w.view(), &scheme).ok_or_else(|| ExportError::Internal("integer scheme".into()))?;
+                let q = match self.prequantized.get(name) {
+                    Some(q) => q.clone(),
+                    None => quant::quantize(w.view(), &scheme)
+                        .ok_or_else(|| ExportError::Internal("integer scheme".into()))?,
+                };
                 let error = QuantError::between(w.view(), q.dequantize().view());
                 let (v, bytes) = self.dequantize_linear(name, &q)?;
                 (v, bytes, error)

@@ -6,6 +6,7 @@
 //! An artifact whose manifest carries the same build hash (kiln version and executable,
 //! recipe, source sha256) is up to date and skipped.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
@@ -17,7 +18,9 @@ use super::decoder::{self, DecoderSource, TensorReport};
 use super::manifest::{self, IoSpec, Manifest, Sizes, SourceInfo, TokenizerInfo};
 use super::recipe::{Recipe, DEFAULT_MAX_CONTEXT};
 use super::ExportError;
-use crate::model::{default_model_path, Model, SourceKind};
+use crate::model::{cache_dir, default_model_path, Model, SourceKind};
+use crate::quant::calibrate::{calibration_windows, gptq_model};
+use crate::quant::Method;
 
 /// How to run an export.
 #[derive(Debug, Clone, Default)]
@@ -53,6 +56,8 @@ pub trait Progress {
     fn start(&mut self, total: usize);
     /// One matrix was stored.
     fn tensor(&mut self, report: &TensorReport);
+    /// One layer was calibrated (GPTQ).
+    fn layer(&mut self) {}
 }
 
 /// Progress that shows nothing.
@@ -110,8 +115,22 @@ pub fn export(
         config.num_layers = n;
     }
     let max_context = recipe.max_context.unwrap_or(config.max_position_embeddings.min(DEFAULT_MAX_CONTEXT));
+    let prequantized = match recipe.quant.method {
+        Method::Rtn => HashMap::new(),
+        Method::Gptq => {
+            let cal = &recipe.quant.calibration;
+            let corpus = cal.corpus.clone().unwrap_or_else(|| cache_dir().join("corpus").join("shakespeare"));
+            let bad = |reason: String| ExportError::Recipe { path: PathBuf::from(name), reason };
+            let windows =
+                calibration_windows(&model.tokenizer, &corpus, cal).map_err(|e| bad(format!("calibration: {e}")))?;
+            progress.start(config.num_layers);
+            let mut on_layer = |_: usize, _: usize| progress.layer();
+            gptq_model(&config, &model.weights, &windows, &|n| recipe.scheme_for(n), &recipe.quant.gptq, &mut on_layer)
+                .map_err(|e| bad(format!("GPTQ: {e}")))?
+        }
+    };
     progress.start(2 + 7 * config.num_layers);
-    let src = DecoderSource { config: &config, weights: &model.weights, max_context };
+    let src = DecoderSource { config: &config, weights: &model.weights, max_context, prequantized: &prequantized };
     let (graph, tensors) = decoder::build(&src, &|n| recipe.scheme_for(n), &mut |r| progress.tensor(r))?;
 
     let parent = match out.parent() {

@@ -16,6 +16,10 @@
 //! symmetric = false           # false: unsigned codes with zero points
 //! clip_search = false
 //!
+//! # method = "gptq" also reads [quant.gptq] (damp = 0.01, block = 128, act_order = false)
+//! # and [quant.calibration] (windows = 32, window = 512, corpus = <the fetched plays>,
+//! # exclude = ["hamlet_gut.txt"]).
+//!
 //! [[quant.override]]          # later overrides win; fields left out keep the base values
 //! match = "model.embed_tokens.weight"   # glob over Hugging Face names (* and ?)
 //! precision = "int8"
@@ -31,6 +35,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::ExportError;
+use crate::quant::calibrate::CalibrationOptions;
+use crate::quant::gptq::GptqOptions;
 use crate::quant::{Layout, Method, Precision, Scheme};
 
 /// The longest context a default export covers (rotary tables are sized to it).
@@ -85,6 +91,12 @@ pub struct QuantRecipe {
     /// Per-tensor overrides, applied in order.
     #[serde(default, rename = "override")]
     pub overrides: Vec<Override>,
+    /// GPTQ settings (`method = "gptq"`).
+    #[serde(default)]
+    pub gptq: GptqOptions,
+    /// Calibration text (`method = "gptq"`).
+    #[serde(default)]
+    pub calibration: CalibrationOptions,
 }
 
 /// One `[[quant.override]]` entry.
@@ -157,6 +169,15 @@ impl Recipe {
         }
         if self.max_context == Some(0) {
             return Err("max_context = 0".into());
+        }
+        if self.quant.method == Method::Gptq {
+            let (g, c) = (&self.quant.gptq, &self.quant.calibration);
+            if !(g.damp > 0.0 && g.damp < 1.0) {
+                return Err(format!("[quant.gptq] damp = {} must lie in (0, 1)", g.damp));
+            }
+            if g.block == 0 || c.windows == 0 || c.window < 2 {
+                return Err("[quant.gptq] block and [quant.calibration] windows/window must be positive".into());
+            }
         }
         self.base().validate().map_err(|e| format!("[quant]: {e}"))?;
         for (i, o) in self.quant.overrides.iter().enumerate() {

@@ -10,6 +10,8 @@
 //! layer `[out, in]` (Hugging Face layout), so a row is an output channel and blocks run
 //! along the input dimension; for an embedding `[vocab, hidden]`, a row is one token.
 
+pub mod calibrate;
+pub mod gptq;
 mod rtn;
 pub mod study;
 
@@ -25,6 +27,8 @@ pub enum Method {
     /// Round to nearest, each group on its own.
     #[default]
     Rtn,
+    /// GPTQ: error feedback through the inverse Hessian of calibration inputs.
+    Gptq,
 }
 
 /// Storage precision of a weight.

