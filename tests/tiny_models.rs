@@ -114,3 +114,35 @@ fn decoding_with_the_cache_matches_prefill() {
     let diff = (&again.row(1) - &full.row(7)).iter().fold(0f32, |m, d| m.max(d.abs()));
     assert!(diff < 1e-5, "after truncate: differs by {diff}");
 }
+
+/// AWQ's folding leaves the float model's function unchanged: scales folded at every site
+/// (norm weights and up_proj rows shrink, consumer columns grow) give the same logits.
+#[test]
+fn awq_folding_preserves_the_float_model() {
+    use kiln::model::reference::Site;
+    use kiln::quant::awq::fold;
+    use rand::{Rng, SeedableRng};
+    let tensors = tiny_tensors(QWEN2, 21);
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_hf_dir(dir.path(), QWEN2, &tensors, Storage::SingleF32);
+    let model = Model::load(dir.path()).expect("loads");
+    let mut folded = model.weights.clone();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    let mut scales = |n: usize| ndarray::Array1::from_shape_fn(n, |_| 0.25 + 3.0 * rng.random::<f32>());
+    for layer in folded.layers.iter_mut() {
+        fold(layer, Site::Attention, &scales(TINY_HIDDEN));
+        fold(layer, Site::Mlp, &scales(TINY_HIDDEN));
+        fold(layer, Site::Down, &scales(TINY_FFN));
+    }
+    assert_ne!(folded, model.weights);
+    let ids = [5u32, 80, 256, 3, 259, 17];
+    let run = |w: &kiln::model::Weights| {
+        let r = Reference::from_parts(&model.config, w);
+        let mut cache = r.new_cache(ids.len());
+        r.forward(&ids, &mut cache, Logits::All).expect("forward")
+    };
+    let (a, b) = (run(&model.weights), run(&folded));
+    let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let diff = (&a - &b).iter().fold(0f32, |m, d| m.max(d.abs()));
+    assert!(diff <= 1e-5 * scale, "folding changed the logits by {diff} (scale {scale})");
+}

@@ -19,6 +19,7 @@ use super::manifest::{self, IoSpec, Manifest, Sizes, SourceInfo, TokenizerInfo};
 use super::recipe::{Recipe, DEFAULT_MAX_CONTEXT};
 use super::ExportError;
 use crate::model::{cache_dir, default_model_path, Model, SourceKind};
+use crate::quant::awq::awq_model;
 use crate::quant::calibrate::{calibration_windows, gptq_model};
 use crate::quant::Method;
 
@@ -115,22 +116,50 @@ pub fn export(
         config.num_layers = n;
     }
     let max_context = recipe.max_context.unwrap_or(config.max_position_embeddings.min(DEFAULT_MAX_CONTEXT));
-    let prequantized = match recipe.quant.method {
-        Method::Rtn => HashMap::new(),
+    let calibration = || -> Result<Vec<Vec<u32>>, ExportError> {
+        let cal = &recipe.quant.calibration;
+        let corpus = cal.corpus.clone().unwrap_or_else(|| cache_dir().join("corpus").join("shakespeare"));
+        calibration_windows(&model.tokenizer, &corpus, cal)
+            .map_err(|e| ExportError::Recipe { path: PathBuf::from(name), reason: format!("calibration: {e}") })
+    };
+    let calibrated =
+        |method: &str, e: String| ExportError::Recipe { path: PathBuf::from(name), reason: format!("{method}: {e}") };
+    if recipe.quant.method != Method::Rtn {
+        progress.start(config.num_layers);
+    }
+    let mut on_layer = |_: usize, _: usize| progress.layer();
+    let (weights, prequantized) = match recipe.quant.method {
+        Method::Rtn => (None, HashMap::new()),
         Method::Gptq => {
-            let cal = &recipe.quant.calibration;
-            let corpus = cal.corpus.clone().unwrap_or_else(|| cache_dir().join("corpus").join("shakespeare"));
-            let bad = |reason: String| ExportError::Recipe { path: PathBuf::from(name), reason };
-            let windows =
-                calibration_windows(&model.tokenizer, &corpus, cal).map_err(|e| bad(format!("calibration: {e}")))?;
-            progress.start(config.num_layers);
-            let mut on_layer = |_: usize, _: usize| progress.layer();
-            gptq_model(&config, &model.weights, &windows, &|n| recipe.scheme_for(n), &recipe.quant.gptq, &mut on_layer)
-                .map_err(|e| bad(format!("GPTQ: {e}")))?
+            let windows = calibration()?;
+            let q = gptq_model(
+                &config,
+                &model.weights,
+                &windows,
+                &|n| recipe.scheme_for(n),
+                &recipe.quant.gptq,
+                &mut on_layer,
+            )
+            .map_err(|e| calibrated("GPTQ", e))?;
+            (None, q)
+        }
+        Method::Awq => {
+            let windows = calibration()?;
+            let w = awq_model(
+                &config,
+                &model.weights,
+                &windows,
+                &|n| recipe.scheme_for(n),
+                &recipe.quant.awq,
+                &mut on_layer,
+            )
+            .map_err(|e| calibrated("AWQ", e))?;
+            (Some(w), HashMap::new())
         }
     };
+    let weights = weights.as_ref().unwrap_or(&model.weights);
     progress.start(2 + 7 * config.num_layers);
-    let src = DecoderSource { config: &config, weights: &model.weights, max_context, prequantized: &prequantized };
+    let src = DecoderSource { config: &config, weights, max_context, prequantized: &prequantized };
     let (graph, tensors) = decoder::build(&src, &|n| recipe.scheme_for(n), &mut |r| progress.tensor(r))?;
 
     let parent = match out.parent() {

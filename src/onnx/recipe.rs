@@ -16,8 +16,9 @@
 //! symmetric = false           # false: unsigned codes with zero points
 //! clip_search = false
 //!
-//! # method = "gptq" also reads [quant.gptq] (damp = 0.01, block = 128, act_order = false)
-//! # and [quant.calibration] (windows = 32, window = 512, corpus = <the fetched plays>,
+//! # method = "gptq" also reads [quant.gptq] (damp = 0.01, block = 128, act_order = false),
+//! # method = "awq" reads [quant.awq] (grid = 20, samples = 512); both read
+//! # [quant.calibration] (windows = 32, window = 512, corpus = <the fetched plays>,
 //! # exclude = ["hamlet_gut.txt"]).
 //!
 //! [[quant.override]]          # later overrides win; fields left out keep the base values
@@ -35,6 +36,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::ExportError;
+use crate::quant::awq::AwqOptions;
 use crate::quant::calibrate::CalibrationOptions;
 use crate::quant::gptq::GptqOptions;
 use crate::quant::{Layout, Method, Precision, Scheme};
@@ -94,7 +96,10 @@ pub struct QuantRecipe {
     /// GPTQ settings (`method = "gptq"`).
     #[serde(default)]
     pub gptq: GptqOptions,
-    /// Calibration text (`method = "gptq"`).
+    /// AWQ settings (`method = "awq"`).
+    #[serde(default)]
+    pub awq: AwqOptions,
+    /// Calibration text (`method = "gptq"` or `"awq"`).
     #[serde(default)]
     pub calibration: CalibrationOptions,
 }
@@ -177,6 +182,12 @@ impl Recipe {
             }
             if g.block == 0 || c.windows == 0 || c.window < 2 {
                 return Err("[quant.gptq] block and [quant.calibration] windows/window must be positive".into());
+            }
+        }
+        if self.quant.method == Method::Awq {
+            let (a, c) = (&self.quant.awq, &self.quant.calibration);
+            if a.grid == 0 || a.samples == 0 || c.windows == 0 || c.window < 2 {
+                return Err("[quant.awq] grid/samples and [quant.calibration] windows/window must be positive".into());
             }
         }
         self.base().validate().map_err(|e| format!("[quant]: {e}"))?;

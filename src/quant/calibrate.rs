@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::gptq::{gptq, GptqOptions, Hessian};
 use super::{Quantized, Scheme};
-use crate::model::reference::{Reference, Site};
+use crate::model::reference::{rms_norm, Reference, Site};
 use crate::model::{ModelConfig, ModelTokenizer, Weights};
 
 /// Which text calibrates, and how much of it.
@@ -86,8 +86,9 @@ const PROJECTIONS: [(&str, Site); 7] = [
 ];
 
 /// Runs GPTQ over every layer's projections whose scheme (by Hugging Face name) is an
-/// integer precision; `on_layer(i, n)` is called as layers finish. Returns the quantized
-/// tensors by name (embedding and lm_head are left to round-to-nearest).
+/// integer precision, then over the lm_head (on the final norm of the quantized model's
+/// hidden states); `on_layer(i, n)` is called as layers finish. Returns the quantized
+/// tensors by name (the embedding, a lookup table, is left to round-to-nearest).
 pub fn gptq_model(
     config: &ModelConfig,
     weights: &Weights,
@@ -147,6 +148,17 @@ pub fn gptq_model(
             r.layer(i, x, &mut cache);
         }
         on_layer(i + 1, config.num_layers);
+    }
+    // The lm_head, on the final norm of the quantized model's last hidden states.
+    let scheme = scheme_for("lm_head.weight");
+    if scheme.precision.bits().is_some() {
+        let mut h = Hessian::new(config.hidden_size);
+        for x in &hidden {
+            h.add(rms_norm(x.view(), &current.norm, config.rms_norm_eps).view());
+        }
+        let q =
+            gptq(current.lm_head().view(), h.matrix(), &scheme, opts).map_err(|e| format!("lm_head.weight: {e}"))?;
+        out.insert("lm_head.weight".to_string(), q);
     }
     Ok(out)
 }

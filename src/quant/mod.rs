@@ -10,6 +10,7 @@
 //! layer `[out, in]` (Hugging Face layout), so a row is an output channel and blocks run
 //! along the input dimension; for an embedding `[vocab, hidden]`, a row is one token.
 
+pub mod awq;
 pub mod calibrate;
 pub mod gptq;
 mod rtn;
@@ -29,6 +30,9 @@ pub enum Method {
     Rtn,
     /// GPTQ: error feedback through the inverse Hessian of calibration inputs.
     Gptq,
+    /// AWQ: activation-aware per-channel scales folded into the float model, then
+    /// round-to-nearest.
+    Awq,
 }
 
 /// Storage precision of a weight.

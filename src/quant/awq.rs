@@ -1,0 +1,252 @@
+//! AWQ (Lin et al. 2023, "AWQ: Activation-aware Weight Quantization for LLM Compression and
+//! Acceleration"): scale up the input channels that carry large activations before
+//! quantizing, so their weights lose less to rounding, and fold the inverse scale into the
+//! operation that produces the input, so the float model computes exactly the same function.
+//!
+//! Per group of linear layers sharing an input x: s = mean|x|^α per input channel (normalized
+//! by √(max·min)), α searched on a grid to minimize ‖x·Wᵀ − (x/s)·Q(W·diag(s))ᵀ‖² over a
+//! sample of calibration tokens. Folding targets: q/k/v ← input RMSNorm weight; gate/up ←
+//! post-attention RMSNorm weight; down_proj ← rows of up_proj; o_proj ← rows of v_proj only
+//! when every query head has its own value head (GQA shares value heads, so it is skipped).
+
+use ndarray::{s, Array1, Array2, ArrayView2, Axis};
+
+use super::{quantize, Scheme};
+use crate::model::reference::{Reference, Site};
+use crate::model::{LayerWeights, ModelConfig, Weights};
+
+/// AWQ settings.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AwqOptions {
+    /// Grid points for α in [0, 1).
+    pub grid: usize,
+    /// Calibration tokens (rows) used to score each α.
+    pub samples: usize,
+}
+
+impl Default for AwqOptions {
+    fn default() -> Self {
+        AwqOptions { grid: 20, samples: 512 }
+    }
+}
+
+/// The best per-channel scales for linears `ws` (each `[out, in]`, with its scheme) on inputs
+/// `x` `[tokens, in]`; `mean_abs` is mean |x| per channel over all calibration tokens.
+pub fn search_scales(
+    x: ArrayView2<f32>,
+    mean_abs: &Array1<f32>,
+    ws: &[(&Array2<f32>, Scheme)],
+    grid: usize,
+) -> Array1<f32> {
+    let reference: Vec<Array2<f32>> = ws.iter().map(|(w, _)| x.dot(&w.t())).collect();
+    let mut best = (f64::INFINITY, Array1::ones(mean_abs.len()));
+    for k in 0..grid.max(1) {
+        let alpha = k as f32 / grid.max(1) as f32;
+        let s = scales_for(mean_abs, alpha);
+        let mut loss = 0f64;
+        for ((w, scheme), y) in ws.iter().zip(&reference) {
+            let scaled = *w * &s;
+            let q = match quantize(scaled.view(), scheme) {
+                Some(q) => q.dequantize() / &s,
+                None => (*w).clone(),
+            };
+            let yq = x.dot(&q.t());
+            loss += (y - &yq).iter().map(|d| (*d as f64) * (*d as f64)).sum::<f64>();
+        }
+        if loss < best.0 {
+            best = (loss, s);
+        }
+    }
+    best.1
+}
+
+/// mean|x|^α, normalized so that max·min = 1, floored at 1e-4.
+fn scales_for(mean_abs: &Array1<f32>, alpha: f32) -> Array1<f32> {
+    let s = mean_abs.mapv(|v| v.max(1e-8).powf(alpha).max(1e-4));
+    let (max, min) = s.iter().fold((f32::MIN, f32::MAX), |(a, b), &v| (a.max(v), b.min(v)));
+    let norm = (max * min).sqrt();
+    s.mapv(|v| v / norm)
+}
+
+/// Multiplies the input columns of `w` by `s` (W·diag(s)).
+fn scale_columns(w: &mut Array2<f32>, s: &Array1<f32>) {
+    *w *= s;
+}
+
+/// Divides the output rows of `w` (and its bias) by `s`.
+fn unscale_rows(w: &mut crate::model::Linear, s: &Array1<f32>) {
+    for (mut row, &v) in w.weight.axis_iter_mut(Axis(0)).zip(s) {
+        row /= v;
+    }
+    if let Some(b) = &mut w.bias {
+        *b /= s;
+    }
+}
+
+/// Folds scales `s` for `site` into layer `l`: the consumers' columns grow by s, the
+/// producer shrinks by s, and the float function stays the same.
+pub fn fold(l: &mut LayerWeights, site: Site, s: &Array1<f32>) {
+    match site {
+        Site::Attention => {
+            l.input_layernorm /= s;
+            for w in [&mut l.q_proj, &mut l.k_proj, &mut l.v_proj] {
+                scale_columns(&mut w.weight, s);
+            }
+        }
+        Site::Mlp => {
+            l.post_attention_layernorm /= s;
+            for w in [&mut l.gate_proj, &mut l.up_proj] {
+                scale_columns(&mut w.weight, s);
+            }
+        }
+        Site::Down => {
+            unscale_rows(&mut l.up_proj, s);
+            scale_columns(&mut l.down_proj.weight, s);
+        }
+        Site::Output => {
+            unscale_rows(&mut l.v_proj, s);
+            scale_columns(&mut l.o_proj.weight, s);
+        }
+    }
+}
+
+/// Runs AWQ over every layer: returns weights with scales folded in (the same float model),
+/// ready for round-to-nearest with the recipe's schemes. `on_layer(i, n)` reports progress.
+pub fn awq_model(
+    config: &ModelConfig,
+    weights: &Weights,
+    windows: &[Vec<u32>],
+    scheme_for: &dyn Fn(&str) -> Scheme,
+    opts: &AwqOptions,
+    on_layer: &mut dyn FnMut(usize, usize),
+) -> Result<Weights, String> {
+    let mut current = weights.clone();
+    let longest = windows.iter().map(Vec::len).max().unwrap_or(0);
+    let mut hidden: Vec<Array2<f32>> = {
+        let r = Reference::from_parts(config, &current);
+        windows.iter().map(|w| r.embed(w).map_err(|e| e.to_string())).collect::<Result<_, _>>()?
+    };
+    // Sites in the order their inputs depend on earlier folds: each is searched on inputs
+    // recomputed after the previous site's scales were folded in.
+    let mut sites = vec![Site::Attention, Site::Mlp, Site::Down];
+    if config.num_heads == config.num_kv_heads {
+        sites.insert(1, Site::Output);
+    }
+    for i in 0..config.num_layers {
+        for &site in &sites {
+            let (mean_abs, sample) = {
+                let r = Reference::from_parts(config, &current);
+                site_inputs(&r, i, &hidden, longest, site, opts.samples)
+            };
+            let p = format!("model.layers.{i}");
+            let l = &current.layers[i];
+            let group: Vec<(&Array2<f32>, Scheme)> = match site {
+                Site::Attention => ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+                    .iter()
+                    .zip([&l.q_proj, &l.k_proj, &l.v_proj])
+                    .map(|(n, w)| (&w.weight, scheme_for(&format!("{p}.{n}.weight"))))
+                    .collect(),
+                Site::Output => vec![(&l.o_proj.weight, scheme_for(&format!("{p}.self_attn.o_proj.weight")))],
+                Site::Mlp => ["mlp.gate_proj", "mlp.up_proj"]
+                    .iter()
+                    .zip([&l.gate_proj, &l.up_proj])
+                    .map(|(n, w)| (&w.weight, scheme_for(&format!("{p}.{n}.weight"))))
+                    .collect(),
+                Site::Down => vec![(&l.down_proj.weight, scheme_for(&format!("{p}.mlp.down_proj.weight")))],
+            };
+            if group.iter().all(|(_, s)| s.precision.bits().is_none()) {
+                continue;
+            }
+            let s = search_scales(sample.view(), &mean_abs, &group, opts.grid);
+            fold(&mut current.layers[i], site, &s);
+        }
+        let r = Reference::from_parts(config, &current);
+        let mut cache = r.new_cache(longest);
+        for x in hidden.iter_mut() {
+            cache.truncate(0);
+            r.layer(i, x, &mut cache);
+        }
+        on_layer(i + 1, config.num_layers);
+    }
+    Ok(current)
+}
+
+/// mean |x| per channel at `site` of layer `i` over every window, and up to `samples` rows.
+fn site_inputs(
+    r: &Reference,
+    i: usize,
+    hidden: &[Array2<f32>],
+    longest: usize,
+    site: Site,
+    samples: usize,
+) -> (Array1<f32>, Array2<f32>) {
+    let mut cache = r.new_cache(longest);
+    let mut sum: Option<Array1<f64>> = None;
+    let mut rows = 0usize;
+    let mut sample: Vec<Array2<f32>> = Vec::new();
+    let mut kept = 0usize;
+    let per_window = samples.div_ceil(hidden.len().max(1));
+    for x in hidden {
+        let mut x = x.clone();
+        cache.truncate(0);
+        r.layer_observed(i, &mut x, &mut cache, &mut |at, v| {
+            if at != site {
+                return;
+            }
+            let abs = v.mapv(|a| a.abs() as f64).sum_axis(Axis(0));
+            match &mut sum {
+                Some(acc) => *acc += &abs,
+                None => sum = Some(abs),
+            }
+            rows += v.nrows();
+            if kept < samples {
+                let take = per_window.min(v.nrows()).min(samples - kept);
+                sample.push(v.slice(s![..take, ..]).to_owned());
+                kept += take;
+            }
+        });
+    }
+    let mean = sum.map(|s| s.mapv(|v| (v / rows.max(1) as f64) as f32)).unwrap_or_default();
+    let views: Vec<ArrayView2<f32>> = sample.iter().map(|a| a.view()).collect();
+    let sample = ndarray::concatenate(Axis(0), &views).unwrap_or_else(|_| Array2::zeros((0, mean.len())));
+    (mean, sample)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::{Layout, Precision, QuantError};
+    use rand::{Rng, SeedableRng};
+
+    fn random(rows: usize, cols: usize, seed: u64) -> Array2<f32> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        Array2::from_shape_fn((rows, cols), |_| rng.random::<f32>() * 2.0 - 1.0)
+    }
+
+    #[test]
+    fn scaling_salient_channels_lowers_output_error() {
+        // Inputs where a few channels are 20× larger than the rest (the activation
+        // outliers AWQ targets).
+        let mut x = random(256, 64, 1);
+        for c in [3, 17, 40] {
+            x.column_mut(c).mapv_inplace(|v| v * 20.0);
+        }
+        let w = random(32, 64, 2);
+        let scheme = Scheme {
+            precision: Precision::Int4,
+            layout: Layout::Blocked,
+            block_size: 32,
+            symmetric: false,
+            clip_search: false,
+        };
+        let mean_abs = x.mapv(f32::abs).mean_axis(Axis(0)).expect("rows");
+        let s = search_scales(x.view(), &mean_abs, &[(&w, scheme)], 20);
+        let rtn = quantize(w.view(), &scheme).expect("q").dequantize();
+        let awq = quantize((&w * &s).view(), &scheme).expect("q").dequantize() / &s;
+        let (y, y_rtn, y_awq) = (x.dot(&w.t()), x.dot(&rtn.t()), x.dot(&awq.t()));
+        let (e_rtn, e_awq) = (QuantError::between(y.view(), y_rtn.view()), QuantError::between(y.view(), y_awq.view()));
+        assert!(e_awq.rel_frobenius < e_rtn.rel_frobenius, "AWQ {e_awq:?} vs RTN {e_rtn:?}");
+        assert!(s[3] > s[0] && s[17] > s[1], "salient channels get larger scales: {s}");
+    }
+}
