@@ -9,7 +9,10 @@
 //! post-attention RMSNorm weight; down_proj ← rows of up_proj; o_proj ← rows of v_proj only
 //! when every query head has its own value head (GQA shares value heads, so it is skipped).
 
+use std::collections::HashMap;
+
 use ndarray::{s, Array1, Array2, ArrayView2, Axis};
+use rayon::prelude::*;
 
 use super::{quantize, Scheme};
 use crate::model::reference::{Reference, Site};
@@ -113,6 +116,10 @@ pub fn fold(l: &mut LayerWeights, site: Site, s: &Array1<f32>) {
 
 /// Runs AWQ over every layer: returns weights with scales folded in (the same float model),
 /// ready for round-to-nearest with the recipe's schemes. `on_layer(i, n)` reports progress.
+///
+/// Folding preserves the float function, so one float pass per layer both collects every
+/// site's inputs (mean |x| over all tokens, and a sample of rows) and produces the next
+/// layer's inputs. Windows run two at a time; their statistics are merged in window order.
 pub fn awq_model(
     config: &ModelConfig,
     weights: &Weights,
@@ -122,95 +129,103 @@ pub fn awq_model(
     on_layer: &mut dyn FnMut(usize, usize),
 ) -> Result<Weights, String> {
     let mut current = weights.clone();
-    let longest = windows.iter().map(Vec::len).max().unwrap_or(0);
     let mut hidden: Vec<Array2<f32>> = {
         let r = Reference::from_parts(config, &current);
         windows.iter().map(|w| r.embed(w).map_err(|e| e.to_string())).collect::<Result<_, _>>()?
     };
-    // Sites in the order their inputs depend on earlier folds: each is searched on inputs
-    // recomputed after the previous site's scales were folded in.
     let mut sites = vec![Site::Attention, Site::Mlp, Site::Down];
     if config.num_heads == config.num_kv_heads {
-        sites.insert(1, Site::Output);
+        sites.push(Site::Output);
     }
+    let per_window = opts.samples.div_ceil(windows.len().max(1));
     for i in 0..config.num_layers {
+        let mut stats: HashMap<Site, SiteStats> = HashMap::new();
+        {
+            let r = Reference::from_parts(config, &current);
+            for pair in hidden.chunks_mut(2) {
+                let per: Vec<HashMap<Site, SiteStats>> = pair
+                    .par_iter_mut()
+                    .map(|x| {
+                        let mut cache = r.new_cache(x.nrows());
+                        let mut local: HashMap<Site, SiteStats> = HashMap::new();
+                        r.layer_observed(i, x, &mut cache, &mut |site, v| {
+                            local.entry(site).or_insert_with(|| SiteStats::new(v.ncols())).add(v, per_window);
+                        });
+                        local
+                    })
+                    .collect();
+                for local in per {
+                    for (site, st) in local {
+                        stats.entry(site).or_insert_with(|| SiteStats::new(st.sum.len())).merge(st, opts.samples);
+                    }
+                }
+            }
+        }
+        let p = format!("model.layers.{i}");
         for &site in &sites {
-            let (mean_abs, sample) = {
-                let r = Reference::from_parts(config, &current);
-                site_inputs(&r, i, &hidden, longest, site, opts.samples)
-            };
-            let p = format!("model.layers.{i}");
+            let st = stats.get(&site).ok_or_else(|| format!("layer {i}: no inputs seen at {site:?}"))?;
             let l = &current.layers[i];
-            let group: Vec<(&Array2<f32>, Scheme)> = match site {
-                Site::Attention => ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
-                    .iter()
-                    .zip([&l.q_proj, &l.k_proj, &l.v_proj])
-                    .map(|(n, w)| (&w.weight, scheme_for(&format!("{p}.{n}.weight"))))
-                    .collect(),
-                Site::Output => vec![(&l.o_proj.weight, scheme_for(&format!("{p}.self_attn.o_proj.weight")))],
-                Site::Mlp => ["mlp.gate_proj", "mlp.up_proj"]
-                    .iter()
-                    .zip([&l.gate_proj, &l.up_proj])
-                    .map(|(n, w)| (&w.weight, scheme_for(&format!("{p}.{n}.weight"))))
-                    .collect(),
-                Site::Down => vec![(&l.down_proj.weight, scheme_for(&format!("{p}.mlp.down_proj.weight")))],
+            let names: &[&str] = match site {
+                Site::Attention => &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                Site::Output => &["self_attn.o_proj"],
+                Site::Mlp => &["mlp.gate_proj", "mlp.up_proj"],
+                Site::Down => &["mlp.down_proj"],
             };
+            let linears = match site {
+                Site::Attention => vec![&l.q_proj, &l.k_proj, &l.v_proj],
+                Site::Output => vec![&l.o_proj],
+                Site::Mlp => vec![&l.gate_proj, &l.up_proj],
+                Site::Down => vec![&l.down_proj],
+            };
+            let group: Vec<(&Array2<f32>, Scheme)> =
+                names.iter().zip(linears).map(|(n, w)| (&w.weight, scheme_for(&format!("{p}.{n}.weight")))).collect();
             if group.iter().all(|(_, s)| s.precision.bits().is_none()) {
                 continue;
             }
-            let s = search_scales(sample.view(), &mean_abs, &group, opts.grid);
+            let views: Vec<ArrayView2<f32>> = st.sample.iter().map(|a| a.view()).collect();
+            let sample = ndarray::concatenate(Axis(0), &views).map_err(|e| e.to_string())?;
+            let mean = st.sum.mapv(|v| (v / st.rows.max(1) as f64) as f32);
+            let s = search_scales(sample.view(), &mean, &group, opts.grid);
             fold(&mut current.layers[i], site, &s);
-        }
-        let r = Reference::from_parts(config, &current);
-        let mut cache = r.new_cache(longest);
-        for x in hidden.iter_mut() {
-            cache.truncate(0);
-            r.layer(i, x, &mut cache);
         }
         on_layer(i + 1, config.num_layers);
     }
     Ok(current)
 }
 
-/// mean |x| per channel at `site` of layer `i` over every window, and up to `samples` rows.
-fn site_inputs(
-    r: &Reference,
-    i: usize,
-    hidden: &[Array2<f32>],
-    longest: usize,
-    site: Site,
-    samples: usize,
-) -> (Array1<f32>, Array2<f32>) {
-    let mut cache = r.new_cache(longest);
-    let mut sum: Option<Array1<f64>> = None;
-    let mut rows = 0usize;
-    let mut sample: Vec<Array2<f32>> = Vec::new();
-    let mut kept = 0usize;
-    let per_window = samples.div_ceil(hidden.len().max(1));
-    for x in hidden {
-        let mut x = x.clone();
-        cache.truncate(0);
-        r.layer_observed(i, &mut x, &mut cache, &mut |at, v| {
-            if at != site {
-                return;
-            }
-            let abs = v.mapv(|a| a.abs() as f64).sum_axis(Axis(0));
-            match &mut sum {
-                Some(acc) => *acc += &abs,
-                None => sum = Some(abs),
-            }
-            rows += v.nrows();
-            if kept < samples {
-                let take = per_window.min(v.nrows()).min(samples - kept);
-                sample.push(v.slice(s![..take, ..]).to_owned());
-                kept += take;
-            }
-        });
+/// Statistics of one site's inputs: Σ|x| per channel, rows seen, and sampled rows.
+struct SiteStats {
+    sum: Array1<f64>,
+    rows: usize,
+    sample: Vec<Array2<f32>>,
+    kept: usize,
+}
+
+impl SiteStats {
+    fn new(dim: usize) -> Self {
+        SiteStats { sum: Array1::zeros(dim), rows: 0, sample: Vec::new(), kept: 0 }
     }
-    let mean = sum.map(|s| s.mapv(|v| (v / rows.max(1) as f64) as f32)).unwrap_or_default();
-    let views: Vec<ArrayView2<f32>> = sample.iter().map(|a| a.view()).collect();
-    let sample = ndarray::concatenate(Axis(0), &views).unwrap_or_else(|_| Array2::zeros((0, mean.len())));
-    (mean, sample)
+
+    fn add(&mut self, v: ArrayView2<f32>, take: usize) {
+        self.sum += &v.mapv(|a| a.abs() as f64).sum_axis(Axis(0));
+        self.rows += v.nrows();
+        let take = take.min(v.nrows());
+        self.sample.push(v.slice(s![..take, ..]).to_owned());
+        self.kept += take;
+    }
+
+    fn merge(&mut self, other: SiteStats, limit: usize) {
+        self.sum += &other.sum;
+        self.rows += other.rows;
+        for a in other.sample {
+            if self.kept >= limit {
+                break;
+            }
+            let take = a.nrows().min(limit - self.kept);
+            self.kept += take;
+            self.sample.push(a.slice(s![..take, ..]).to_owned());
+        }
+    }
 }
 
 #[cfg(test)]

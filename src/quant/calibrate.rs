@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use ndarray::Array2;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::gptq::{gptq, GptqOptions, Hessian};
@@ -99,23 +100,40 @@ pub fn gptq_model(
 ) -> Result<HashMap<String, Quantized>, String> {
     let mut current = weights.clone();
     let mut out = HashMap::new();
-    let longest = windows.iter().map(Vec::len).max().unwrap_or(0);
     let mut hidden: Vec<Array2<f32>> = {
         let r = Reference::from_parts(config, &current);
         windows.iter().map(|w| r.embed(w).map_err(|e| e.to_string())).collect::<Result<_, _>>()?
     };
     for i in 0..config.num_layers {
-        // 1. Hessians of the four input sites, with this layer's float weights.
+        // 1. Hessians of the four input sites, with this layer's float weights. Windows run
+        //    two at a time on separate threads; their sums are merged in window order, so
+        //    the result does not depend on scheduling.
         let mut hessians: HashMap<Site, Hessian> = HashMap::new();
         {
             let r = Reference::from_parts(config, &current);
-            let mut cache = r.new_cache(longest);
-            for x in &hidden {
-                let mut x = x.clone();
-                cache.truncate(0);
-                r.layer_observed(i, &mut x, &mut cache, &mut |site, v| {
-                    hessians.entry(site).or_insert_with(|| Hessian::new(v.ncols())).add(v);
-                });
+            for pair in hidden.chunks(2) {
+                let per_window: Vec<HashMap<Site, Hessian>> = pair
+                    .par_iter()
+                    .map(|x| {
+                        let mut x = x.clone();
+                        let mut cache = r.new_cache(x.nrows());
+                        let mut local: HashMap<Site, Hessian> = HashMap::new();
+                        r.layer_observed(i, &mut x, &mut cache, &mut |site, v| {
+                            local.entry(site).or_insert_with(|| Hessian::new(v.ncols())).add(v);
+                        });
+                        local
+                    })
+                    .collect();
+                for local in per_window {
+                    for (site, h) in local {
+                        match hessians.get_mut(&site) {
+                            Some(acc) => acc.merge(&h),
+                            None => {
+                                hessians.insert(site, h);
+                            }
+                        }
+                    }
+                }
             }
         }
         // 2. Quantize the projections and put their reconstructions in place.
@@ -142,11 +160,10 @@ pub fn gptq_model(
         }
         // 3. The next layer's inputs, through the quantized layer.
         let r = Reference::from_parts(config, &current);
-        let mut cache = r.new_cache(longest);
-        for x in hidden.iter_mut() {
-            cache.truncate(0);
+        hidden.par_iter_mut().for_each(|x| {
+            let mut cache = r.new_cache(x.nrows());
             r.layer(i, x, &mut cache);
-        }
+        });
         on_layer(i + 1, config.num_layers);
     }
     // The lm_head, on the final norm of the quantized model's last hidden states.

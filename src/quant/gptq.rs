@@ -60,6 +60,17 @@ impl Hessian {
         self.n += m;
     }
 
+    /// Adds another accumulator's rows (a weighted mean of the two).
+    pub fn merge(&mut self, other: &Hessian) {
+        let total = (self.n + other.n) as f64;
+        if other.n == 0 {
+            return;
+        }
+        let (a, b) = (self.n as f64 / total, other.n as f64 / total);
+        self.h.zip_mut_with(&other.h, |h, &o| *h = *h * a + o * b);
+        self.n += other.n;
+    }
+
     /// The accumulated matrix.
     pub fn matrix(&self) -> &Array2<f64> {
         &self.h
@@ -183,22 +194,22 @@ pub fn gptq(w: ArrayView2<f32>, h: &Array2<f64>, scheme: &Scheme, opts: &GptqOpt
 /// The upper Cholesky factor U of H⁻¹ (UᵀU = H⁻¹) after dampening H's diagonal by
 /// `damp` × its mean; the dampening grows tenfold (up to three times) while H is not
 /// positive definite.
+///
+/// With J the reversal permutation and JHJ = KKᵀ (lower Cholesky), H = RRᵀ with R = JKJ
+/// upper triangular, so H⁻¹ = R⁻ᵀR⁻¹ and U = R⁻¹: one Cholesky and one triangular inverse,
+/// with no explicit H⁻¹.
 fn inverse_cholesky_upper(h: &Array2<f64>, damp: f64) -> Result<Array2<f64>, String> {
     let n = h.nrows();
     let mean = (0..n).map(|i| h[[i, i]]).sum::<f64>() / n as f64;
     let mut factor = damp;
     for _ in 0..4 {
-        let mut hd = h.clone();
+        let mut reversed = h.slice(s![..;-1, ..;-1]).to_owned();
         for i in 0..n {
-            hd[[i, i]] += factor * mean;
+            reversed[[i, i]] += factor * mean;
         }
-        if let Some(l) = cholesky_lower(&hd) {
-            // H = LLᵀ, so H⁻¹ = L⁻ᵀL⁻¹ = YYᵀ with Y = L⁻ᵀ (upper triangular).
-            let y = upper_inverse(&l.t().to_owned());
-            let hinv = y.dot(&y.t());
-            if let Some(l2) = cholesky_lower(&hinv) {
-                return Ok(l2.t().to_owned());
-            }
+        if let Some(k) = cholesky_lower(&reversed) {
+            let r = k.slice(s![..;-1, ..;-1]).to_owned();
+            return Ok(upper_inverse(&r));
         }
         factor *= 10.0;
     }
