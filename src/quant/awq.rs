@@ -7,7 +7,8 @@
 //! by √(max·min)), α searched on a grid to minimize ‖x·Wᵀ − (x/s)·Q(W·diag(s))ᵀ‖² over a
 //! sample of calibration tokens. Folding targets: q/k/v ← input RMSNorm weight; gate/up ←
 //! post-attention RMSNorm weight; down_proj ← rows of up_proj; o_proj ← rows of v_proj only
-//! when every query head has its own value head (GQA shares value heads, so it is skipped).
+//! when every query head has its own value head (GQA shares value heads, so it is skipped);
+//! lm_head ← the final RMSNorm weight.
 
 use std::collections::HashMap;
 
@@ -189,6 +190,22 @@ pub fn awq_model(
             fold(&mut current.layers[i], site, &s);
         }
         on_layer(i + 1, config.num_layers);
+    }
+    // The lm_head reads the final norm's output: its scales fold into the norm weight (the
+    // lm_head gets its own matrix, untied from the embedding, as the export stores it anyway).
+    let scheme = scheme_for("lm_head.weight");
+    if scheme.precision.bits().is_some() {
+        let mut st = SiteStats::new(config.hidden_size);
+        for x in &hidden {
+            st.add(crate::model::reference::rms_norm(x.view(), &current.norm, config.rms_norm_eps).view(), per_window);
+        }
+        let views: Vec<ArrayView2<f32>> = st.sample.iter().map(|a| a.view()).collect();
+        let sample = ndarray::concatenate(Axis(0), &views).map_err(|e| e.to_string())?;
+        let mean = st.sum.mapv(|v| (v / st.rows.max(1) as f64) as f32);
+        let head = current.lm_head().clone();
+        let s = search_scales(sample.view(), &mean, &[(&head, scheme)], opts.grid);
+        current.norm /= &s;
+        current.lm_head = Some(head * &s);
     }
     Ok(current)
 }
