@@ -74,6 +74,20 @@ impl Weights {
 }
 
 impl LayerWeights {
+    /// The seven projections with their Hugging Face names, mutable (same order as
+    /// [`linears`](Self::linears)).
+    pub fn linears_mut(&mut self) -> [(&'static str, &mut Linear); 7] {
+        [
+            ("self_attn.q_proj", &mut self.q_proj),
+            ("self_attn.k_proj", &mut self.k_proj),
+            ("self_attn.v_proj", &mut self.v_proj),
+            ("self_attn.o_proj", &mut self.o_proj),
+            ("mlp.gate_proj", &mut self.gate_proj),
+            ("mlp.up_proj", &mut self.up_proj),
+            ("mlp.down_proj", &mut self.down_proj),
+        ]
+    }
+
     /// The seven projections with their Hugging Face names.
     pub fn linears(&self) -> [(&'static str, &Linear); 7] {
         [

@@ -75,16 +75,15 @@ pub fn calibration_windows(
     Ok((0..opts.windows).map(|k| ids[k * stride..k * stride + opts.window].to_vec()).collect())
 }
 
-/// The projections of a layer with the site their input comes from.
-const PROJECTIONS: [(&str, Site); 7] = [
-    ("self_attn.q_proj", Site::Attention),
-    ("self_attn.k_proj", Site::Attention),
-    ("self_attn.v_proj", Site::Attention),
-    ("self_attn.o_proj", Site::Output),
-    ("mlp.gate_proj", Site::Mlp),
-    ("mlp.up_proj", Site::Mlp),
-    ("mlp.down_proj", Site::Down),
-];
+/// The site whose input a projection reads.
+fn site_of(projection: &str) -> Site {
+    match projection {
+        "self_attn.o_proj" => Site::Output,
+        "mlp.gate_proj" | "mlp.up_proj" => Site::Mlp,
+        "mlp.down_proj" => Site::Down,
+        _ => Site::Attention,
+    }
+}
 
 /// Runs GPTQ over every layer's projections whose scheme (by Hugging Face name) is an
 /// integer precision, then over the lm_head (on the final norm of the quantized model's
@@ -137,17 +136,8 @@ pub fn gptq_model(
             }
         }
         // 2. Quantize the projections and put their reconstructions in place.
-        let layer = &mut current.layers[i];
-        let linears = [
-            &mut layer.q_proj,
-            &mut layer.k_proj,
-            &mut layer.v_proj,
-            &mut layer.o_proj,
-            &mut layer.gate_proj,
-            &mut layer.up_proj,
-            &mut layer.down_proj,
-        ];
-        for ((name, site), lin) in PROJECTIONS.iter().zip(linears) {
+        for (name, lin) in current.layers[i].linears_mut() {
+            let site = &site_of(name);
             let full = format!("model.layers.{i}.{name}.weight");
             let scheme = scheme_for(&full);
             if scheme.precision.bits().is_none() {

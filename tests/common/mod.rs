@@ -516,15 +516,7 @@ pub fn reconstructed_weights(
     out.embed_tokens = round_trip("model.embed_tokens.weight", &weights.embed_tokens);
     out.lm_head = Some(round_trip("lm_head.weight", weights.lm_head()));
     for (i, l) in out.layers.iter_mut().enumerate() {
-        for (name, lin) in [
-            ("self_attn.q_proj", &mut l.q_proj),
-            ("self_attn.k_proj", &mut l.k_proj),
-            ("self_attn.v_proj", &mut l.v_proj),
-            ("self_attn.o_proj", &mut l.o_proj),
-            ("mlp.gate_proj", &mut l.gate_proj),
-            ("mlp.up_proj", &mut l.up_proj),
-            ("mlp.down_proj", &mut l.down_proj),
-        ] {
+        for (name, lin) in l.linears_mut() {
             lin.weight = round_trip(&format!("model.layers.{i}.{name}.weight"), &lin.weight);
         }
     }
