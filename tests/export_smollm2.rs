@@ -9,7 +9,7 @@ use std::path::Path;
 use kiln::model::reference::{argmax, Logits, Reference};
 use kiln::onnx::manifest::Manifest;
 use kiln::onnx::recipe::Recipe;
-use kiln::runtime::{OrtDecoder, SessionOptions, StepInput};
+use kiln::runtime::{Forward, OrtDecoder, ServingDecoder, SessionOptions, StepInput};
 use ndarray::{Array1, Array2, ArrayView1};
 
 /// f32 through two implementations with different summation orders and fused kernels.
@@ -99,6 +99,43 @@ fn fp32_matches_the_reference_forward_and_transformers() {
         // And therefore transformers' greedy continuation.
         let (_, tokens) = ort_greedy(&mut dec, &prompt, 47, &model.tokenizer.eos_ids);
         assert_eq!(tokens, greedy_48, "ORT greedy continuation of {prompt:?}");
+    }
+}
+
+/// Greedy decoding through the serving graph in `slot`: the rows of logits as [`ort_greedy`].
+fn serving_greedy(dec: &mut ServingDecoder, slot: usize, prompt: &[u32], steps: usize) -> (Vec<Array1<f32>>, Vec<u32>) {
+    let logits = dec.extend(slot, 0, prompt, prompt.len()).expect("prefill");
+    let mut rows: Vec<Array1<f32>> = logits.rows().into_iter().map(|r| r.to_owned()).collect();
+    let mut tokens = vec![argmax(logits.row(prompt.len() - 1))];
+    let mut past = prompt.len();
+    for _ in 0..steps {
+        // Slot `slot` decodes alone when it is slot 0; otherwise every slot up to it runs.
+        let batch: Vec<(u32, usize)> =
+            (0..=slot).map(|s| if s == slot { (*tokens.last().unwrap(), past) } else { (0, 0) }).collect();
+        let out = dec.step(&batch).expect("step");
+        rows.push(out.row(slot).to_owned());
+        tokens.push(argmax(out.row(slot)));
+        past += 1;
+    }
+    (rows, tokens)
+}
+
+#[test]
+fn serving_graph_computes_what_the_portable_graph_does() {
+    let dir = common::artifact("fp32");
+    let mut portable = OrtDecoder::open(&dir, &SessionOptions::default()).expect("portable session");
+    let mut serving = ServingDecoder::open(&dir, &SessionOptions::default(), 3, 256).expect("serving session");
+    for (slot, (prompt, greedy_48)) in reference_prompts().into_iter().enumerate() {
+        let slot = slot % 3;
+        let (want_rows, want_tokens) = ort_greedy(&mut portable, &prompt, 16, &[]);
+        let (rows, tokens) = serving_greedy(&mut serving, slot, &prompt, 16);
+        assert_eq!(tokens, want_tokens, "greedy tokens of {prompt:?} in slot {slot}");
+        for (i, (a, b)) in rows.iter().zip(&want_rows).enumerate() {
+            assert_close(a.view(), b.view(), RELATIVE_TOLERANCE, &format!("prompt {prompt:?}, slot {slot}, row {i}"));
+        }
+        let (_, tokens) = serving_greedy(&mut serving, 0, &prompt, 47);
+        let n = greedy_48.len();
+        assert_eq!(tokens[..n], greedy_48, "serving greedy continuation of {prompt:?}");
     }
 }
 

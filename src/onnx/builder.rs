@@ -6,7 +6,7 @@
 //! keep their checkpoint names. Large initializers go to an external data file, each
 //! aligned to [`DATA_ALIGNMENT`] bytes, so models over 2 GB work.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io::Write;
 
 use half::f16;
@@ -29,6 +29,7 @@ pub enum DType {
     F32,
     F16,
     I64,
+    I32,
     I8,
     U8,
     I4,
@@ -44,6 +45,7 @@ impl DType {
             DType::F32 => D::Float,
             DType::F16 => D::Float16,
             DType::I64 => D::Int64,
+            DType::I32 => D::Int32,
             DType::I8 => D::Int8,
             DType::U8 => D::Uint8,
             DType::I4 => D::Int4,
@@ -138,15 +140,18 @@ pub struct GraphBuilder {
     initializers: Vec<(String, TensorData)>,
     names: HashSet<String>,
     constants: HashMap<String, String>,
+    domains: BTreeSet<String>,
 }
 
-/// Sizes of what [`GraphBuilder::write`] wrote.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Sizes of what [`GraphBuilder::write`] wrote, and where each external initializer lies.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Written {
     /// Bytes of `model.onnx`.
     pub graph_bytes: u64,
     /// Bytes of the external data file.
     pub data_bytes: u64,
+    /// Offset and length in the data file, by initializer name.
+    pub placed: HashMap<String, (u64, u64)>,
 }
 
 impl GraphBuilder {
@@ -205,13 +210,33 @@ impl GraphBuilder {
 
     /// Adds node `name` whose single output is called `output`.
     pub fn op_to(&mut self, op_type: &str, name: &str, inputs: &[&str], attrs: &[(&str, Attr)], output: &str) {
+        self.op_in("", op_type, name, inputs, attrs, &[output]);
+    }
+
+    /// Adds node `name` of operator set `domain` (`""` for the default one) with the given
+    /// outputs; an empty input name skips an optional input.
+    pub fn op_in(
+        &mut self,
+        domain: &str,
+        op_type: &str,
+        name: &str,
+        inputs: &[&str],
+        attrs: &[(&str, Attr)],
+        outputs: &[&str],
+    ) {
         self.claim(name);
-        self.claim(output);
+        for output in outputs {
+            self.claim(output);
+        }
+        if !domain.is_empty() {
+            self.domains.insert(domain.to_string());
+        }
         self.nodes.push(pb::NodeProto {
             input: inputs.iter().map(|s| s.to_string()).collect(),
-            output: vec![output.to_string()],
+            output: outputs.iter().map(|s| s.to_string()).collect(),
             name: name.to_string(),
             op_type: op_type.to_string(),
+            domain: domain.to_string(),
             attribute: attrs.iter().map(|(n, a)| attribute(n, a)).collect(),
             ..Default::default()
         });
@@ -239,6 +264,31 @@ impl GraphBuilder {
         data: &mut dyn Write,
     ) -> std::io::Result<Written> {
         let mut offset = 0u64;
+        let mut placed = HashMap::new();
+        for (name, t) in &self.initializers {
+            if t.bytes.len() >= INLINE_LIMIT {
+                let pad = offset.next_multiple_of(DATA_ALIGNMENT) - offset;
+                data.write_all(&vec![0u8; pad as usize])?;
+                offset += pad;
+                data.write_all(&t.bytes)?;
+                placed.insert(name.clone(), (offset, t.bytes.len() as u64));
+                offset += t.bytes.len() as u64;
+            }
+        }
+        let graph_bytes = self.write_graph(graph_name, data_location, &placed, graph)?;
+        Ok(Written { graph_bytes, data_bytes: offset, placed })
+    }
+
+    /// Writes only the graph, its large initializers referring to a data file that another
+    /// graph with the same initializers already wrote (`placed`, from its [`Written`]), so
+    /// two graphs share one copy of the weights. Returns the graph's size in bytes.
+    pub fn write_graph(
+        &self,
+        graph_name: &str,
+        data_location: &str,
+        placed: &HashMap<String, (u64, u64)>,
+        graph: &mut dyn Write,
+    ) -> std::io::Result<u64> {
         let mut initializer = Vec::with_capacity(self.initializers.len());
         for (name, t) in &self.initializers {
             let mut proto = pb::TensorProto {
@@ -250,23 +300,29 @@ impl GraphBuilder {
             if t.bytes.len() < INLINE_LIMIT {
                 proto.raw_data = t.bytes.clone();
             } else {
-                let pad = offset.next_multiple_of(DATA_ALIGNMENT) - offset;
-                data.write_all(&vec![0u8; pad as usize])?;
-                offset += pad;
-                data.write_all(&t.bytes)?;
+                let (offset, length) = match placed.get(name) {
+                    Some(&(offset, length)) if length == t.bytes.len() as u64 => (offset, length),
+                    _ => {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            format!("initializer {name} is not in {data_location} with {} bytes", t.bytes.len()),
+                        ))
+                    }
+                };
                 proto.data_location = Some(pb::tensor_proto::DataLocation::External as i32);
                 proto.external_data = vec![
                     entry("location", data_location),
                     entry("offset", &offset.to_string()),
-                    entry("length", &t.bytes.len().to_string()),
+                    entry("length", &length.to_string()),
                 ];
-                offset += t.bytes.len() as u64;
             }
             initializer.push(proto);
         }
+        let mut opset_import = vec![pb::OperatorSetIdProto { domain: String::new(), version: OPSET }];
+        opset_import.extend(self.domains.iter().map(|d| pb::OperatorSetIdProto { domain: d.clone(), version: 1 }));
         let model = pb::ModelProto {
             ir_version: IR_VERSION,
-            opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: OPSET }],
+            opset_import,
             producer_name: "kiln".into(),
             producer_version: env!("CARGO_PKG_VERSION").into(),
             graph: Some(pb::GraphProto {
@@ -281,7 +337,7 @@ impl GraphBuilder {
         };
         let bytes = model.encode_to_vec();
         graph.write_all(&bytes)?;
-        Ok(Written { graph_bytes: bytes.len() as u64, data_bytes: offset })
+        Ok(bytes.len() as u64)
     }
 
     fn claim(&mut self, name: &str) {

@@ -16,6 +16,14 @@
 //! → MatMul (fused into MatMulNBits); quantized embeddings gather integer rows and their
 //! scales before converting; the lm_head has its own initializer.
 //!
+//! The serving form ([`GraphForm::Serving`], ONNX Runtime only) computes the same function
+//! with the `com.microsoft::GroupQueryAttention` contrib op: its KV inputs are buffers sized
+//! for the whole context (`[batch, kv_heads, max_sequence_length, head_dim]`) that the
+//! caller binds as both `past_key_values.*` and `present.*`, so a decode step writes one
+//! position in place instead of copying the cache; `seqlens_k` [batch] i32 holds each row's
+//! total length − 1 and `total_sequence_length` (i32 scalar) the longest total. Both forms
+//! share every initializer, so the artifact stores the weights once.
+//!
 //! Grouped-query attention runs in 5-D, `[batch, kv_heads, group, seq, head_dim]`, so each
 //! key/value head is read by its `group` query heads by broadcasting, with no copy.
 
@@ -59,6 +67,17 @@ pub struct DecoderSource<'a> {
     /// Matrices already quantized by a calibration method (GPTQ), by Hugging Face name;
     /// the others are quantized here by round-to-nearest.
     pub prequantized: &'a HashMap<String, Quantized>,
+    /// Which graph to build.
+    pub form: GraphForm,
+}
+
+/// The two graphs of an artifact.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GraphForm {
+    /// Standard ops only: ONNX Runtime, tract and TensorRT read it; the KV cache grows by Concat.
+    Portable,
+    /// ONNX Runtime's GroupQueryAttention over KV buffers shared between past and present.
+    Serving,
 }
 
 /// Builds the decoder graph; `on_tensor` is called after each weight matrix is stored.
@@ -79,8 +98,13 @@ pub fn build(
 }
 
 /// Names of the graph inputs, in order, for `layers` layers.
-pub fn input_names(layers: usize) -> Vec<String> {
-    let mut names = vec!["input_ids".to_string(), "attention_mask".into(), "position_ids".into()];
+pub fn input_names(form: GraphForm, layers: usize) -> Vec<String> {
+    let mut names: Vec<String> = match form {
+        GraphForm::Portable => vec!["input_ids".into(), "attention_mask".into(), "position_ids".into()],
+        GraphForm::Serving => {
+            vec!["input_ids".into(), "position_ids".into(), "seqlens_k".into(), "total_sequence_length".into()]
+        }
+    };
     for i in 0..layers {
         names.push(format!("past_key_values.{i}.key"));
         names.push(format!("past_key_values.{i}.value"));
@@ -112,7 +136,13 @@ struct Shared {
     sin_q: String,
     cos_k: String,
     sin_k: String,
-    mask: String,
+    /// The portable graph's additive mask, or the serving graph's `(seqlens_k, total)`.
+    attention: Masking,
+}
+
+enum Masking {
+    Bias(String),
+    Lengths { seqlens: String, total: String },
 }
 
 fn sym(s: &str) -> Dim {
@@ -125,15 +155,26 @@ impl Decoder<'_, '_> {
         let (kvh, hd) = (c.num_kv_heads as i64, c.head_dim as i64);
         let g = &mut self.g;
         let ids = g.input("input_ids", DType::I64, &[sym("batch_size"), sym("sequence_length")]);
-        let mask = g.input("attention_mask", DType::I64, &[sym("batch_size"), sym("total_sequence_length")]);
+        let (mask, kv_len, total_len) = match src.form {
+            GraphForm::Portable => (
+                Some(g.input("attention_mask", DType::I64, &[sym("batch_size"), sym("total_sequence_length")])),
+                "past_sequence_length",
+                "total_sequence_length",
+            ),
+            GraphForm::Serving => (None, "max_sequence_length", "max_sequence_length"),
+        };
         let pos = g.input("position_ids", DType::I64, &[sym("batch_size"), sym("sequence_length")]);
-        let kv_dims = [sym("batch_size"), Dim::Fixed(kvh), sym("past_sequence_length"), Dim::Fixed(hd)];
+        if src.form == GraphForm::Serving {
+            g.input("seqlens_k", DType::I32, &[sym("batch_size")]);
+            g.input("total_sequence_length", DType::I32, &[]);
+        }
+        let kv_dims = [sym("batch_size"), Dim::Fixed(kvh), sym(kv_len), Dim::Fixed(hd)];
         for i in 0..c.num_layers {
             g.input(&format!("past_key_values.{i}.key"), DType::F32, &kv_dims);
             g.input(&format!("past_key_values.{i}.value"), DType::F32, &kv_dims);
         }
 
-        let shared = self.shared(&ids, &mask, &pos, src.max_context);
+        let shared = self.shared(&ids, mask.as_deref(), &pos, src.max_context);
         let mut x = self.embedding(&src.weights.embed_tokens, &ids, scheme_for("model.embed_tokens.weight"))?;
         for i in 0..c.num_layers {
             x = self.layer(i, &x, &shared, src.weights, scheme_for)?;
@@ -144,7 +185,7 @@ impl Decoder<'_, '_> {
 
         let g = &mut self.g;
         g.output("logits", DType::F32, &[sym("batch_size"), sym("sequence_length"), Dim::Fixed(c.vocab_size as i64)]);
-        let present = [sym("batch_size"), Dim::Fixed(kvh), sym("total_sequence_length"), Dim::Fixed(hd)];
+        let present = [sym("batch_size"), Dim::Fixed(kvh), sym(total_len), Dim::Fixed(hd)];
         for i in 0..c.num_layers {
             g.output(&format!("present.{i}.key"), DType::F32, &present);
             g.output(&format!("present.{i}.value"), DType::F32, &present);
@@ -153,8 +194,10 @@ impl Decoder<'_, '_> {
     }
 
     /// Rotary tables gathered at `position_ids`, and the additive attention mask
-    /// `[batch, 1, 1, seq, past+seq]` (0 where a key is visible, the lowest f32 elsewhere).
-    fn shared(&mut self, ids: &str, mask: &str, pos: &str, max_context: usize) -> Shared {
+    /// `[batch, 1, 1, seq, past+seq]` (0 where a key is visible, the lowest f32 elsewhere);
+    /// without `mask` (the serving graph) the rotary tables broadcast over `[batch, seq,
+    /// heads, head_dim]` and GroupQueryAttention masks by lengths.
+    fn shared(&mut self, ids: &str, mask: Option<&str>, pos: &str, max_context: usize) -> Shared {
         let c = self.c;
         let (cos, sin) = rotary_tables(c, max_context);
         let g = &mut self.g;
@@ -164,6 +207,13 @@ impl Decoder<'_, '_> {
         let sin = g.op("Gather", "/rotary/sin/Gather", &[&sin_t, pos], &[]);
         let ax1 = g.ints(&[1]);
         let ax12 = g.ints(&[1, 2]);
+        let Some(mask) = mask else {
+            let ax2 = g.ints(&[2]);
+            let cos = g.op("Unsqueeze", "/rotary/cos/Unsqueeze", &[&cos, &ax2], &[]);
+            let sin = g.op("Unsqueeze", "/rotary/sin/Unsqueeze", &[&sin, &ax2], &[]);
+            let attention = Masking::Lengths { seqlens: "seqlens_k".into(), total: "total_sequence_length".into() };
+            return Shared { cos_q: cos.clone(), sin_q: sin.clone(), cos_k: cos, sin_k: sin, attention };
+        };
         let cos_k = g.op("Unsqueeze", "/rotary/cos_k/Unsqueeze", &[&cos, &ax1], &[]);
         let sin_k = g.op("Unsqueeze", "/rotary/sin_k/Unsqueeze", &[&sin, &ax1], &[]);
         let cos_q = g.op("Unsqueeze", "/rotary/cos_q/Unsqueeze", &[&cos, &ax12], &[]);
@@ -199,7 +249,7 @@ impl Decoder<'_, '_> {
         let low = g.scalar(f32::MIN);
         let bias = g.op("Where", "/mask/bias/Where", &[&allowed, &zero_f, &low], &[]);
         let mask = g.op("Unsqueeze", "/mask/bias/Unsqueeze", &[&bias, &ax1], &[]);
-        Shared { cos_q, sin_q, cos_k, sin_k, mask }
+        Shared { cos_q, sin_q, cos_k, sin_k, attention: Masking::Bias(mask) }
     }
 
     fn layer(
@@ -210,11 +260,9 @@ impl Decoder<'_, '_> {
         weights: &Weights,
         scheme_for: &SchemeFor<'_>,
     ) -> Result<String, ExportError> {
-        let c = self.c;
         let w = &weights.layers[i];
         let p = format!("/model/layers.{i}");
         let hf = format!("model.layers.{i}");
-        let (kvh, group, hd) = (c.num_kv_heads as i64, (c.num_heads / c.num_kv_heads) as i64, c.head_dim as i64);
 
         let h = self.rms_norm(
             &format!("{p}/input_layernorm"),
@@ -229,45 +277,10 @@ impl Decoder<'_, '_> {
         let v =
             self.linear(&format!("{p}/attn/v_proj"), &h, &format!("{hf}.self_attn.v_proj"), &w.v_proj, scheme_for)?;
 
-        let g = &mut self.g;
-        let q_shape = g.ints(&[0, 0, kvh, group, hd]);
-        let kv_shape = g.ints(&[0, 0, kvh, hd]);
-        let q = g.op("Reshape", &format!("{p}/attn/q/Reshape"), &[&q, &q_shape], &[]);
-        let q =
-            g.op("Transpose", &format!("{p}/attn/q/Transpose"), &[&q], &[("perm", Attr::Ints(vec![0, 2, 3, 1, 4]))]);
-        let k = g.op("Reshape", &format!("{p}/attn/k/Reshape"), &[&k, &kv_shape], &[]);
-        let k = g.op("Transpose", &format!("{p}/attn/k/Transpose"), &[&k], &[("perm", Attr::Ints(vec![0, 2, 1, 3]))]);
-        let v = g.op("Reshape", &format!("{p}/attn/v/Reshape"), &[&v, &kv_shape], &[]);
-        let v = g.op("Transpose", &format!("{p}/attn/v/Transpose"), &[&v], &[("perm", Attr::Ints(vec![0, 2, 1, 3]))]);
-        let q = self.rotary(&format!("{p}/attn/q_rotary"), &q, &s.cos_q, &s.sin_q);
-        let k = self.rotary(&format!("{p}/attn/k_rotary"), &k, &s.cos_k, &s.sin_k);
-
-        let g = &mut self.g;
-        let present_k = format!("present.{i}.key");
-        let present_v = format!("present.{i}.value");
-        let past_k = format!("past_key_values.{i}.key");
-        let past_v = format!("past_key_values.{i}.value");
-        g.op_to("Concat", &format!("{p}/attn/k/Concat"), &[&past_k, &k], &[("axis", Attr::Int(2))], &present_k);
-        g.op_to("Concat", &format!("{p}/attn/v/Concat"), &[&past_v, &v], &[("axis", Attr::Int(2))], &present_v);
-        let ax2 = g.ints(&[2]);
-        let k5 = g.op("Unsqueeze", &format!("{p}/attn/k/Unsqueeze"), &[&present_k, &ax2], &[]);
-        let v5 = g.op("Unsqueeze", &format!("{p}/attn/v/Unsqueeze"), &[&present_v, &ax2], &[]);
-        let kt =
-            g.op("Transpose", &format!("{p}/attn/kt/Transpose"), &[&k5], &[("perm", Attr::Ints(vec![0, 1, 2, 4, 3]))]);
-        let scores = g.op("MatMul", &format!("{p}/attn/scores/MatMul"), &[&q, &kt], &[]);
-        let scale = g.scalar(1.0 / (c.head_dim as f32).sqrt());
-        let scores = g.op("Mul", &format!("{p}/attn/scores/Mul"), &[&scores, &scale], &[]);
-        let scores = g.op("Add", &format!("{p}/attn/scores/Add"), &[&scores, &s.mask], &[]);
-        let probs = g.op("Softmax", &format!("{p}/attn/Softmax"), &[&scores], &[("axis", Attr::Int(-1))]);
-        let ctx = g.op("MatMul", &format!("{p}/attn/context/MatMul"), &[&probs, &v5], &[]);
-        let ctx = g.op(
-            "Transpose",
-            &format!("{p}/attn/context/Transpose"),
-            &[&ctx],
-            &[("perm", Attr::Ints(vec![0, 3, 1, 2, 4]))],
-        );
-        let flat = g.ints(&[0, 0, (c.num_heads * c.head_dim) as i64]);
-        let ctx = g.op("Reshape", &format!("{p}/attn/context/Reshape"), &[&ctx, &flat], &[]);
+        let ctx = match &s.attention {
+            Masking::Bias(mask) => self.attention(i, &p, [&q, &k, &v], s, mask),
+            Masking::Lengths { seqlens, total } => self.group_query_attention(i, &p, [&q, &k, &v], s, seqlens, total),
+        };
         let o =
             self.linear(&format!("{p}/attn/o_proj"), &ctx, &format!("{hf}.self_attn.o_proj"), &w.o_proj, scheme_for)?;
         let x = self.g.op("Add", &format!("{p}/attn/residual/Add"), &[x, &o], &[]);
@@ -288,6 +301,97 @@ impl Decoder<'_, '_> {
         let down =
             self.linear(&format!("{p}/mlp/down_proj"), &m, &format!("{hf}.mlp.down_proj"), &w.down_proj, scheme_for)?;
         Ok(self.g.op("Add", &format!("{p}/mlp/residual/Add"), &[&x, &down], &[]))
+    }
+
+    /// Portable attention: heads split to `[batch, kv_heads, group, seq, head_dim]`, the
+    /// cache grown by Concat into `present.*`, scores masked by the additive `mask`.
+    fn attention(&mut self, i: usize, p: &str, [q, k, v]: [&str; 3], s: &Shared, mask: &str) -> String {
+        let c = self.c;
+        let (kvh, group, hd) = (c.num_kv_heads as i64, (c.num_heads / c.num_kv_heads) as i64, c.head_dim as i64);
+        let g = &mut self.g;
+        let q_shape = g.ints(&[0, 0, kvh, group, hd]);
+        let kv_shape = g.ints(&[0, 0, kvh, hd]);
+        let q = g.op("Reshape", &format!("{p}/attn/q/Reshape"), &[q, &q_shape], &[]);
+        let q =
+            g.op("Transpose", &format!("{p}/attn/q/Transpose"), &[&q], &[("perm", Attr::Ints(vec![0, 2, 3, 1, 4]))]);
+        let k = g.op("Reshape", &format!("{p}/attn/k/Reshape"), &[k, &kv_shape], &[]);
+        let k = g.op("Transpose", &format!("{p}/attn/k/Transpose"), &[&k], &[("perm", Attr::Ints(vec![0, 2, 1, 3]))]);
+        let v = g.op("Reshape", &format!("{p}/attn/v/Reshape"), &[v, &kv_shape], &[]);
+        let v = g.op("Transpose", &format!("{p}/attn/v/Transpose"), &[&v], &[("perm", Attr::Ints(vec![0, 2, 1, 3]))]);
+        let q = self.rotary(&format!("{p}/attn/q_rotary"), &q, &s.cos_q, &s.sin_q);
+        let k = self.rotary(&format!("{p}/attn/k_rotary"), &k, &s.cos_k, &s.sin_k);
+
+        let g = &mut self.g;
+        let present_k = format!("present.{i}.key");
+        let present_v = format!("present.{i}.value");
+        let past_k = format!("past_key_values.{i}.key");
+        let past_v = format!("past_key_values.{i}.value");
+        g.op_to("Concat", &format!("{p}/attn/k/Concat"), &[&past_k, &k], &[("axis", Attr::Int(2))], &present_k);
+        g.op_to("Concat", &format!("{p}/attn/v/Concat"), &[&past_v, &v], &[("axis", Attr::Int(2))], &present_v);
+        let ax2 = g.ints(&[2]);
+        let k5 = g.op("Unsqueeze", &format!("{p}/attn/k/Unsqueeze"), &[&present_k, &ax2], &[]);
+        let v5 = g.op("Unsqueeze", &format!("{p}/attn/v/Unsqueeze"), &[&present_v, &ax2], &[]);
+        let kt =
+            g.op("Transpose", &format!("{p}/attn/kt/Transpose"), &[&k5], &[("perm", Attr::Ints(vec![0, 1, 2, 4, 3]))]);
+        let scores = g.op("MatMul", &format!("{p}/attn/scores/MatMul"), &[&q, &kt], &[]);
+        let scale = g.scalar(1.0 / (c.head_dim as f32).sqrt());
+        let scores = g.op("Mul", &format!("{p}/attn/scores/Mul"), &[&scores, &scale], &[]);
+        let scores = g.op("Add", &format!("{p}/attn/scores/Add"), &[&scores, &mask], &[]);
+        let probs = g.op("Softmax", &format!("{p}/attn/Softmax"), &[&scores], &[("axis", Attr::Int(-1))]);
+        let ctx = g.op("MatMul", &format!("{p}/attn/context/MatMul"), &[&probs, &v5], &[]);
+        let ctx = g.op(
+            "Transpose",
+            &format!("{p}/attn/context/Transpose"),
+            &[&ctx],
+            &[("perm", Attr::Ints(vec![0, 3, 1, 2, 4]))],
+        );
+        let flat = g.ints(&[0, 0, (c.num_heads * c.head_dim) as i64]);
+        let ctx = g.op("Reshape", &format!("{p}/attn/context/Reshape"), &[&ctx, &flat], &[]);
+        ctx
+    }
+
+    /// Serving attention: rotary on `[batch, seq, heads, head_dim]`, then
+    /// GroupQueryAttention reading and writing the shared KV buffers in place.
+    fn group_query_attention(
+        &mut self,
+        i: usize,
+        p: &str,
+        [q, k, v]: [&str; 3],
+        s: &Shared,
+        seqlens: &str,
+        total: &str,
+    ) -> String {
+        let c = self.c;
+        let (heads, kvh, hd) = (c.num_heads as i64, c.num_kv_heads as i64, c.head_dim as i64);
+        let g = &mut self.g;
+        let q_shape = g.ints(&[0, 0, heads, hd]);
+        let kv_shape = g.ints(&[0, 0, kvh, hd]);
+        let q_flat = g.ints(&[0, 0, heads * hd]);
+        let kv_flat = g.ints(&[0, 0, kvh * hd]);
+        let q = g.op("Reshape", &format!("{p}/attn/q/Reshape"), &[q, &q_shape], &[]);
+        let k = g.op("Reshape", &format!("{p}/attn/k/Reshape"), &[k, &kv_shape], &[]);
+        let q = self.rotary(&format!("{p}/attn/q_rotary"), &q, &s.cos_q, &s.sin_q);
+        let k = self.rotary(&format!("{p}/attn/k_rotary"), &k, &s.cos_k, &s.sin_k);
+        let g = &mut self.g;
+        let q = g.op("Reshape", &format!("{p}/attn/q/Flatten"), &[&q, &q_flat], &[]);
+        let k = g.op("Reshape", &format!("{p}/attn/k/Flatten"), &[&k, &kv_flat], &[]);
+        let mut attrs = vec![("num_heads", Attr::Int(heads)), ("kv_num_heads", Attr::Int(kvh))];
+        if let Some(window) = c.sliding_window {
+            // GroupQueryAttention's window counts the keys before the current one.
+            attrs.push(("local_window_size", Attr::Int(window as i64 - 1)));
+        }
+        let ctx = format!("{p}/attn/GroupQueryAttention/output_0");
+        let (past_k, past_v) = (format!("past_key_values.{i}.key"), format!("past_key_values.{i}.value"));
+        let (present_k, present_v) = (format!("present.{i}.key"), format!("present.{i}.value"));
+        g.op_in(
+            "com.microsoft",
+            "GroupQueryAttention",
+            &format!("{p}/attn/GroupQueryAttention"),
+            &[&q, &k, v, &past_k, &past_v, seqlens, total],
+            &attrs,
+            &[&ctx, &present_k, &present_v],
+        );
+        ctx
     }
 
     /// Rotate-half rotary embedding over the last axis: `x·cos + rotate_half(x)·sin`.

@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use sha2::{Digest, Sha256};
 
-use super::decoder::{self, DecoderSource, TensorReport};
+use super::decoder::{self, DecoderSource, GraphForm, TensorReport};
 use super::manifest::{self, IoSpec, Manifest, Sizes, SourceInfo, TokenizerInfo};
 use super::recipe::{Recipe, DEFAULT_MAX_CONTEXT};
 use super::ExportError;
@@ -159,8 +159,9 @@ pub fn export(
     };
     let weights = weights.as_ref().unwrap_or(&model.weights);
     progress.start(2 + 7 * config.num_layers);
-    let src = DecoderSource { config: &config, weights, max_context, prequantized: &prequantized };
-    let (graph, tensors) = decoder::build(&src, &|n| recipe.scheme_for(n), &mut |r| progress.tensor(r))?;
+    let portable =
+        DecoderSource { config: &config, weights, max_context, prequantized: &prequantized, form: GraphForm::Portable };
+    let (graph, tensors) = decoder::build(&portable, &|n| recipe.scheme_for(n), &mut |r| progress.tensor(r))?;
 
     let parent = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -178,6 +179,19 @@ pub fn export(
         .map_err(|source| ExportError::Io { path: tmp.path().to_path_buf(), source })?;
     graph_out.finish()?;
     data_out.finish()?;
+    let by_dtype = graph.bytes_by_dtype();
+    drop(graph);
+    // The serving graph quantizes the same weights the same way: its initializers are the
+    // portable graph's, found in the data file already written.
+    let serving = DecoderSource { form: GraphForm::Serving, ..portable };
+    let (serving, _) = decoder::build(&serving, &|n| recipe.scheme_for(n), &mut |_| {})?;
+    let serving_path = tmp.path().join(manifest::SERVING_FILE);
+    let mut serving_out = SyncedFile::create(&serving_path)?;
+    let serving_bytes = serving
+        .write_graph(name, manifest::DATA_FILE, &written.placed, &mut serving_out.writer)
+        .map_err(|source| ExportError::Io { path: serving_path.clone(), source })?;
+    serving_out.finish()?;
+    drop(serving);
     let tok_json = model.tokenizer.to_json().map_err(|e| ExportError::Internal(e.to_string()))?;
     write_file(&tmp.path().join(manifest::TOKENIZER_FILE), tok_json.as_bytes())?;
     let manifest = Manifest {
@@ -197,9 +211,14 @@ pub fn export(
         max_context,
         recipe: recipe.clone(),
         io: IoSpec {
-            inputs: decoder::input_names(config.num_layers),
+            inputs: decoder::input_names(GraphForm::Portable, config.num_layers),
             outputs: decoder::output_names(config.num_layers),
             kv_layout: "[batch, kv_heads, past, head_dim]".into(),
+        },
+        serving_io: IoSpec {
+            inputs: decoder::input_names(GraphForm::Serving, config.num_layers),
+            outputs: decoder::output_names(config.num_layers),
+            kv_layout: "[batch, kv_heads, max_sequence_length, head_dim], one buffer bound as past and present".into(),
         },
         tokenizer: TokenizerInfo {
             bos_id: model.tokenizer.bos_id,
@@ -211,8 +230,9 @@ pub fn export(
         tensors,
         sizes: Sizes {
             onnx_bytes: written.graph_bytes,
+            serving_bytes,
             data_bytes: written.data_bytes,
-            by_dtype: graph.bytes_by_dtype().into_iter().map(|(d, n)| (format!("{d:?}").to_lowercase(), n)).collect(),
+            by_dtype: by_dtype.into_iter().map(|(d, n)| (format!("{d:?}").to_lowercase(), n)).collect(),
         },
     };
     let json = serde_json::to_string_pretty(&manifest).map_err(|e| ExportError::Internal(e.to_string()))?;
@@ -226,7 +246,7 @@ pub fn export(
 }
 
 fn up_to_date(out: &Path, build_hash: &str) -> bool {
-    let files = [manifest::MODEL_FILE, manifest::DATA_FILE, manifest::TOKENIZER_FILE];
+    let files = [manifest::MODEL_FILE, manifest::SERVING_FILE, manifest::DATA_FILE, manifest::TOKENIZER_FILE];
     files.iter().all(|f| out.join(f).is_file()) && Manifest::read(out).is_ok_and(|m| m.build_hash == build_hash)
 }
 

@@ -11,10 +11,12 @@ use super::ExportError;
 use crate::model::ModelConfig;
 
 /// Artifact format version; bumped when readers must change.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// File names inside an artifact directory.
 pub const MODEL_FILE: &str = "model.onnx";
-/// External data of `model.onnx`.
+/// The ONNX Runtime serving graph (GroupQueryAttention, shared KV buffers).
+pub const SERVING_FILE: &str = "serving.onnx";
+/// External data of `model.onnx` and `serving.onnx`.
 pub const DATA_FILE: &str = "model.onnx.data";
 /// Hugging Face tokenizer.
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
@@ -41,8 +43,10 @@ pub struct Manifest {
     pub max_context: usize,
     /// The recipe as parsed.
     pub recipe: Recipe,
-    /// Graph inputs and outputs.
+    /// Inputs and outputs of the portable graph (`model.onnx`).
     pub io: IoSpec,
+    /// Inputs and outputs of the ONNX Runtime serving graph (`serving.onnx`).
+    pub serving_io: IoSpec,
     /// Special tokens and template.
     pub tokenizer: TokenizerInfo,
     /// Per weight matrix: scheme, bytes and quantization error.
@@ -93,6 +97,8 @@ pub struct TokenizerInfo {
 pub struct Sizes {
     /// `model.onnx`.
     pub onnx_bytes: u64,
+    /// `serving.onnx`.
+    pub serving_bytes: u64,
     /// `model.onnx.data`.
     pub data_bytes: u64,
     /// Initializer bytes by ONNX element type.

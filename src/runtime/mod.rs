@@ -15,6 +15,10 @@ use ort::value::Tensor;
 use crate::model::cache_dir;
 use crate::onnx::manifest::{self, Manifest};
 
+mod serving;
+
+pub use serving::ServingDecoder;
+
 /// File name of the ONNX Runtime library in the cache.
 pub const ORT_LIBRARY: &str = "libonnxruntime.so.1.31.1";
 
@@ -271,6 +275,87 @@ fn release_freed_heap() {
     }
 }
 
+/// Reads an artifact's manifest for the runtime.
+fn read_manifest(dir: &Path) -> Result<Manifest, RuntimeError> {
+    Manifest::read(dir)
+        .map_err(|e| RuntimeError::Artifact { path: dir.join(manifest::MANIFEST_FILE), reason: e.to_string() })
+}
+
+/// A session for the graph at `path` with `opts`. A GPU provider that cannot register is
+/// an error, never a silent fallback to the CPU.
+fn open_session(path: &Path, opts: &SessionOptions) -> Result<Session, RuntimeError> {
+    let env = environment()?;
+    let fail = |reason: String| RuntimeError::Session { path: path.to_path_buf(), reason };
+    let level = match opts.optimization {
+        Optimization::Disable => GraphOptimizationLevel::Disable,
+        Optimization::Basic => GraphOptimizationLevel::Level1,
+        Optimization::Extended => GraphOptimizationLevel::Level2,
+        Optimization::All => GraphOptimizationLevel::All,
+    };
+    let mut b = Session::builder(&env)
+        .map_err(|e| fail(e.to_string()))?
+        .with_optimization_level(level)
+        .map_err(|e| fail(e.to_string()))?
+        .with_intra_op_spinning(false)
+        .map_err(|e| fail(e.to_string()))?;
+    if opts.intra_threads > 0 {
+        b = b.with_intra_threads(opts.intra_threads).map_err(|e| fail(e.to_string()))?;
+    }
+    if let Some(level) = opts.matmul_accuracy_level {
+        b = b
+            .with_config_entry("session.qdq_matmulnbits_accuracy_level", level.to_string())
+            .map_err(|e| fail(e.to_string()))?;
+    }
+    if opts.provider != Provider::Cpu {
+        opts.provider
+            .availability()
+            .map_err(|reason| fail(format!("{} execution provider: {reason}", opts.provider.name())))?;
+        let ep = match opts.provider {
+            Provider::Cuda => ort::ep::CUDA::default().build().error_on_failure(),
+            _ => {
+                let t = opts.tensorrt.clone().unwrap_or_default();
+                let mut ep = ort::ep::TensorRT::default()
+                    .with_fp16(t.fp16)
+                    .with_int8(t.int8)
+                    .with_profile_min_shapes(&t.profile.min)
+                    .with_profile_opt_shapes(&t.profile.opt)
+                    .with_profile_max_shapes(&t.profile.max);
+                if let Some(dir) = &t.engine_cache {
+                    ep = ep.with_engine_cache(true).with_engine_cache_path(dir.display());
+                }
+                ep.build().error_on_failure()
+            }
+        };
+        b = b.with_execution_providers([ep]).map_err(|e| fail(e.to_string()))?;
+    }
+    if let Some(p) = &opts.optimized_model_path {
+        b = b.with_optimized_model_path(p).map_err(|e| fail(e.to_string()))?;
+    }
+    let session = b.commit_from_file(path).map_err(|e| fail(e.to_string()))?;
+    release_freed_heap();
+    Ok(session)
+}
+
+/// One model forward pass over sequence slots whose KV cache the implementation keeps: the
+/// engine's only view of a model, so tests can drive the engine with the native reference
+/// or a fake.
+pub trait Forward {
+    /// Sequence slots (rows of the KV cache).
+    fn slots(&self) -> usize;
+    /// Positions one slot holds.
+    fn max_context(&self) -> usize;
+    /// Logits per position.
+    fn vocab_size(&self) -> usize;
+    /// Feeds `tokens` to `slot`, whose first `past` positions are cached already; returns
+    /// the logits of the last `last` tokens, `[last, vocab]`.
+    fn extend(&mut self, slot: usize, past: usize, tokens: &[u32], last: usize) -> Result<Array2<f32>, RuntimeError>;
+    /// One token for each of slots `0..rows.len()`: `rows[i] = (token, cached positions of
+    /// slot i)`. Returns `[rows, vocab]`.
+    fn step(&mut self, rows: &[(u32, usize)]) -> Result<Array2<f32>, RuntimeError>;
+    /// Copies the first `len` cached positions of slot `from` to slot `to`.
+    fn move_slot(&mut self, from: usize, to: usize, len: usize) -> Result<(), RuntimeError>;
+}
+
 /// Key/value tensors of every layer, `[batch, kv_heads, positions, head_dim]` each.
 pub type KvTensors = Vec<(Array4<f32>, Array4<f32>)>;
 
@@ -306,58 +391,8 @@ impl OrtDecoder {
     /// Opens `dir/model.onnx` with `opts`. A GPU provider that cannot register is an
     /// error, never a silent fallback to the CPU.
     pub fn open(dir: &Path, opts: &SessionOptions) -> Result<Self, RuntimeError> {
-        let manifest = Manifest::read(dir)
-            .map_err(|e| RuntimeError::Artifact { path: dir.join(manifest::MANIFEST_FILE), reason: e.to_string() })?;
-        let path = dir.join(manifest::MODEL_FILE);
-        let env = environment()?;
-        let fail = |reason: String| RuntimeError::Session { path: path.clone(), reason };
-        let level = match opts.optimization {
-            Optimization::Disable => GraphOptimizationLevel::Disable,
-            Optimization::Basic => GraphOptimizationLevel::Level1,
-            Optimization::Extended => GraphOptimizationLevel::Level2,
-            Optimization::All => GraphOptimizationLevel::All,
-        };
-        let mut b = Session::builder(&env)
-            .map_err(|e| fail(e.to_string()))?
-            .with_optimization_level(level)
-            .map_err(|e| fail(e.to_string()))?
-            .with_intra_op_spinning(false)
-            .map_err(|e| fail(e.to_string()))?;
-        if opts.intra_threads > 0 {
-            b = b.with_intra_threads(opts.intra_threads).map_err(|e| fail(e.to_string()))?;
-        }
-        if let Some(level) = opts.matmul_accuracy_level {
-            b = b
-                .with_config_entry("session.qdq_matmulnbits_accuracy_level", level.to_string())
-                .map_err(|e| fail(e.to_string()))?;
-        }
-        if opts.provider != Provider::Cpu {
-            opts.provider
-                .availability()
-                .map_err(|reason| fail(format!("{} execution provider: {reason}", opts.provider.name())))?;
-            let ep = match opts.provider {
-                Provider::Cuda => ort::ep::CUDA::default().build().error_on_failure(),
-                _ => {
-                    let t = opts.tensorrt.clone().unwrap_or_default();
-                    let mut ep = ort::ep::TensorRT::default()
-                        .with_fp16(t.fp16)
-                        .with_int8(t.int8)
-                        .with_profile_min_shapes(&t.profile.min)
-                        .with_profile_opt_shapes(&t.profile.opt)
-                        .with_profile_max_shapes(&t.profile.max);
-                    if let Some(dir) = &t.engine_cache {
-                        ep = ep.with_engine_cache(true).with_engine_cache_path(dir.display());
-                    }
-                    ep.build().error_on_failure()
-                }
-            };
-            b = b.with_execution_providers([ep]).map_err(|e| fail(e.to_string()))?;
-        }
-        if let Some(p) = &opts.optimized_model_path {
-            b = b.with_optimized_model_path(p).map_err(|e| fail(e.to_string()))?;
-        }
-        let session = b.commit_from_file(&path).map_err(|e| fail(e.to_string()))?;
-        release_freed_heap();
+        let manifest = read_manifest(dir)?;
+        let session = open_session(&dir.join(manifest::MODEL_FILE), opts)?;
         Ok(OrtDecoder { session, manifest })
     }
 
