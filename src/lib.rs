@@ -21,6 +21,7 @@
 #![warn(missing_docs, clippy::unwrap_used)]
 
 pub mod check;
+pub mod engine;
 pub mod model;
 pub mod onnx;
 pub mod quant;

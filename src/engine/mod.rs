@@ -1,0 +1,687 @@
+//! The generation engine: one scheduler thread owns the model ([`Forward`]) and runs every
+//! sequence in one batch. Requests arrive on a channel and join between steps (continuous
+//! batching); a finished or cancelled sequence leaves at once and its slot is reused.
+//!
+//! Slots stay packed: the running sequences always occupy slots `0..n`, so each decode step
+//! is one `Forward::step` over them. When sequence `i` leaves, the last one moves into its
+//! slot (one copy of its cache, once), never a per-step copy.
+//!
+//! Requests are validated and tokenized by the caller's thread in [`Engine::submit`], so bad
+//! input fails before it queues; the queue holds at most `queue_capacity` requests that wait
+//! for a slot, and one more is refused with [`EngineError::Overloaded`].
+
+pub mod chat;
+pub mod sampling;
+#[cfg(test)]
+mod tests;
+pub mod text;
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use self::chat::{ChatTemplate, Message};
+use self::sampling::{Sampler, SamplingParams};
+use self::text::{Detokenizer, Filtered, StopStrings};
+use crate::model::tokenizer::from_file;
+use crate::model::ModelTokenizer;
+use crate::onnx::manifest::{self, Manifest};
+use crate::runtime::{Forward, RuntimeError};
+
+/// Why a request was refused or failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EngineError {
+    /// A request field is out of range.
+    #[error("invalid request: {field}: {reason}")]
+    InvalidRequest {
+        /// The field.
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The prompt does not fit the context and the request did not ask for truncation.
+    #[error("prompt of {tokens} tokens does not fit the context of {context} positions (ask for truncation to keep its end)")]
+    PromptTooLong {
+        /// Prompt tokens.
+        tokens: usize,
+        /// Positions per sequence.
+        context: usize,
+    },
+    /// The queue is full.
+    #[error("overloaded: {waiting} requests already wait for a slot (queue capacity {capacity})")]
+    Overloaded {
+        /// Requests waiting.
+        waiting: usize,
+        /// The queue's bound.
+        capacity: usize,
+    },
+    /// The chat template failed to compile or render.
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
+    /// Tokenizing or detokenizing failed.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// The model failed.
+    #[error("model: {0}")]
+    Model(String),
+    /// The engine has stopped.
+    #[error("the engine has shut down")]
+    ShutDown,
+}
+
+impl EngineError {
+    /// A stable label for metrics and tests.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            EngineError::InvalidRequest { .. } => "invalid_request",
+            EngineError::PromptTooLong { .. } => "prompt_too_long",
+            EngineError::Overloaded { .. } => "overloaded",
+            EngineError::ChatTemplate(_) => "chat_template",
+            EngineError::Tokenizer(_) => "tokenizer",
+            EngineError::Model(_) => "model",
+            EngineError::ShutDown => "shut_down",
+        }
+    }
+}
+
+impl From<RuntimeError> for EngineError {
+    fn from(e: RuntimeError) -> Self {
+        EngineError::Model(e.to_string())
+    }
+}
+
+/// What to continue.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompt {
+    /// Plain text (BOS added when the model expects it).
+    Text(String),
+    /// Chat messages, rendered with the model's chat template.
+    Chat(Vec<Message>),
+    /// Token ids, used as given.
+    Tokens(Vec<u32>),
+}
+
+/// One generation request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    /// What to continue.
+    pub prompt: Prompt,
+    /// How tokens are chosen.
+    pub sampling: SamplingParams,
+    /// Most tokens to generate.
+    pub max_new_tokens: usize,
+    /// Token ids that end generation (besides EOS); not part of the output.
+    pub stop_token_ids: Vec<u32>,
+    /// Strings that end generation; neither they nor anything after them is output.
+    pub stop_strings: Vec<String>,
+    /// Keep generating past EOS.
+    pub ignore_eos: bool,
+    /// A prompt longer than the context keeps its last tokens instead of failing.
+    pub truncate_prompt: bool,
+}
+
+impl Default for Request {
+    fn default() -> Self {
+        Request {
+            prompt: Prompt::Text(String::new()),
+            sampling: SamplingParams::default(),
+            max_new_tokens: 128,
+            stop_token_ids: Vec::new(),
+            stop_strings: Vec::new(),
+            ignore_eos: false,
+            truncate_prompt: false,
+        }
+    }
+}
+
+/// Why a sequence ended.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// `max_new_tokens` reached.
+    Length,
+    /// The sequence filled its context.
+    ContextFull,
+    /// The model produced EOS.
+    Eos,
+    /// A stop token id.
+    StopToken(u32),
+    /// A stop string.
+    StopString(String),
+    /// The caller cancelled it.
+    Cancelled,
+}
+
+impl FinishReason {
+    /// Short label (`length`, `context_full`, `eos`, `stop_token`, `stop_string`, `cancelled`).
+    pub fn label(&self) -> &'static str {
+        match self {
+            FinishReason::Length => "length",
+            FinishReason::ContextFull => "context_full",
+            FinishReason::Eos => "eos",
+            FinishReason::StopToken(_) => "stop_token",
+            FinishReason::StopString(_) => "stop_string",
+            FinishReason::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Counts and timings of a finished request.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Summary {
+    /// Why it ended.
+    pub finish_reason: FinishReason,
+    /// Prompt tokens (after truncation).
+    pub prompt_tokens: usize,
+    /// Tokens generated (stop tokens excluded).
+    pub generated_tokens: usize,
+    /// Submission to first token, including time in the queue.
+    pub time_to_first_token: Duration,
+    /// Submission to the end.
+    pub total_time: Duration,
+}
+
+/// What a request's stream carries, in order: per generated token a [`Event::Token`] and,
+/// whenever text can be shown, a [`Event::Text`]; then one [`Event::Finished`] or
+/// [`Event::Failed`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A generated token.
+    Token(sampling::Choice),
+    /// Text to append (valid UTF-8, stop strings withheld).
+    Text(String),
+    /// The request ended normally.
+    Finished(Summary),
+    /// The request failed.
+    Failed(EngineError),
+}
+
+/// Receives a request's events; returns `false` when nobody listens any more (the request
+/// is then cancelled).
+pub type Sink = Box<dyn FnMut(Event) -> bool + Send>;
+
+/// Engine settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineOptions {
+    /// Requests that may wait for a slot before new ones are refused.
+    pub queue_capacity: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions { queue_capacity: 64 }
+    }
+}
+
+/// A running request seen from the caller: its events, and a way to cancel it.
+pub struct Generation {
+    /// The request's events.
+    pub events: mpsc::Receiver<Event>,
+    /// Cancels the request.
+    pub cancel: CancelHandle,
+}
+
+impl Generation {
+    /// Waits for the end and collects token ids, text and summary.
+    pub fn collect(self) -> Result<Output, EngineError> {
+        let mut out = Output::default();
+        for event in self.events {
+            match event {
+                Event::Token(c) => out.token_ids.push(c.id),
+                Event::Text(t) => out.text.push_str(&t),
+                Event::Finished(s) => {
+                    out.summary = Some(s);
+                    return Ok(out);
+                }
+                Event::Failed(e) => return Err(e),
+            }
+        }
+        Err(EngineError::ShutDown)
+    }
+}
+
+/// A whole generation.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Output {
+    /// Generated token ids.
+    pub token_ids: Vec<u32>,
+    /// Generated text.
+    pub text: String,
+    /// Counts and timings.
+    pub summary: Option<Summary>,
+}
+
+/// Cancels one request; the engine frees its slot before its next step.
+#[derive(Debug, Clone)]
+pub struct CancelHandle(Arc<AtomicBool>);
+
+impl CancelHandle {
+    /// Asks the engine to stop the request.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The engine: a handle to its scheduler thread. Dropping it stops the thread after
+/// failing the requests still running with [`EngineError::ShutDown`].
+pub struct Engine {
+    commands: Option<mpsc::Sender<Admitted>>,
+    thread: Option<JoinHandle<()>>,
+    waiting: Arc<AtomicUsize>,
+    options: EngineOptions,
+    tokenizer: Arc<ModelTokenizer>,
+    template: Option<ChatTemplate>,
+    slots: usize,
+    context: usize,
+}
+
+/// A validated, tokenized request on its way to the scheduler.
+struct Admitted {
+    prompt: Vec<u32>,
+    request: Request,
+    sink: Sink,
+    cancel: Arc<AtomicBool>,
+    submitted: Instant,
+}
+
+impl Engine {
+    /// Starts the scheduler thread; `open` builds the model on that thread (so it never
+    /// moves between threads) and its error is returned here.
+    pub fn start<F, O>(open: O, tokenizer: ModelTokenizer, options: EngineOptions) -> Result<Engine, EngineError>
+    where
+        F: Forward + 'static,
+        O: FnOnce() -> Result<F, RuntimeError> + Send + 'static,
+    {
+        let template = match &tokenizer.chat_template {
+            Some(source) => {
+                let text = |id: Option<u32>| id.and_then(|i| tokenizer.inner().id_to_token(i)).unwrap_or_default();
+                Some(ChatTemplate::new(source, &text(tokenizer.bos_id), &text(tokenizer.eos_ids.first().copied()))?)
+            }
+            None => None,
+        };
+        let tokenizer = Arc::new(tokenizer);
+        let (commands, inbox) = mpsc::channel::<Admitted>();
+        let (ready_tx, ready) = mpsc::channel::<Result<(usize, usize), EngineError>>();
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let (tok, w) = (tokenizer.clone(), waiting.clone());
+        let thread = std::thread::Builder::new()
+            .name("kiln-engine".into())
+            .spawn(move || {
+                let model = match open() {
+                    Ok(m) => m,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e.into()));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok((model.slots(), model.max_context())));
+                Scheduler::new(model, tok, w).run(inbox);
+            })
+            .map_err(|e| EngineError::Model(format!("starting the engine thread: {e}")))?;
+        let (slots, context) = ready.recv().map_err(|_| EngineError::ShutDown)??;
+        Ok(Engine {
+            commands: Some(commands),
+            thread: Some(thread),
+            waiting,
+            options,
+            tokenizer,
+            template,
+            slots,
+            context,
+        })
+    }
+
+    /// Sequences that run at once.
+    pub fn slots(&self) -> usize {
+        self.slots
+    }
+
+    /// Positions per sequence (prompt plus output).
+    pub fn context(&self) -> usize {
+        self.context
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &ModelTokenizer {
+        &self.tokenizer
+    }
+
+    /// The token ids `prompt` stands for.
+    pub fn prompt_ids(&self, prompt: &Prompt) -> Result<Vec<u32>, EngineError> {
+        let tok = |e: crate::model::tokenizer::TokenizerError| EngineError::Tokenizer(e.to_string());
+        match prompt {
+            Prompt::Text(text) => self.tokenizer.encode_prompt(text).map_err(tok),
+            Prompt::Chat(messages) => {
+                let template = self.template.as_ref().ok_or_else(|| EngineError::InvalidRequest {
+                    field: "messages",
+                    reason: "the model has no chat template".into(),
+                })?;
+                self.tokenizer.encode(&template.render(messages)?).map_err(tok)
+            }
+            Prompt::Tokens(ids) => {
+                let vocab = self.tokenizer.vocab_size();
+                if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+                    return Err(EngineError::InvalidRequest {
+                        field: "prompt",
+                        reason: format!("token id {bad} is outside the vocabulary of {vocab}"),
+                    });
+                }
+                Ok(ids.clone())
+            }
+        }
+    }
+
+    /// Submits `request`; its events go to the returned channel. Dropping the receiver
+    /// cancels the request.
+    pub fn submit(&self, request: Request) -> Result<Generation, EngineError> {
+        let (tx, events) = mpsc::channel();
+        let cancel = self.submit_with(request, Box::new(move |e| tx.send(e).is_ok()))?;
+        Ok(Generation { events, cancel })
+    }
+
+    /// Submits `request` with its events going to `sink`.
+    pub fn submit_with(&self, request: Request, sink: Sink) -> Result<CancelHandle, EngineError> {
+        request.sampling.validate()?;
+        if request.max_new_tokens == 0 {
+            return Err(EngineError::InvalidRequest { field: "max_new_tokens", reason: "must be at least 1".into() });
+        }
+        if request.stop_strings.iter().any(|s| s.is_empty()) {
+            return Err(EngineError::InvalidRequest { field: "stop_strings", reason: "empty stop string".into() });
+        }
+        let mut prompt = self.prompt_ids(&request.prompt)?;
+        if prompt.is_empty() {
+            return Err(EngineError::InvalidRequest { field: "prompt", reason: "empty prompt".into() });
+        }
+        if prompt.len() >= self.context {
+            if !request.truncate_prompt {
+                return Err(EngineError::PromptTooLong { tokens: prompt.len(), context: self.context });
+            }
+            // Keep the end, with room for the requested output (at least one token).
+            let room = request.max_new_tokens.clamp(1, self.context - 1);
+            prompt.drain(..prompt.len() - (self.context - room));
+        }
+        let capacity = self.options.queue_capacity;
+        self.waiting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| (w < capacity).then_some(w + 1))
+            .map_err(|waiting| EngineError::Overloaded { waiting, capacity })?;
+        let cancel = Arc::new(AtomicBool::new(false));
+        let admitted = Admitted { prompt, request, sink, cancel: cancel.clone(), submitted: Instant::now() };
+        let sent = self.commands.as_ref().map(|c| c.send(admitted).is_ok()).unwrap_or(false);
+        if !sent {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(EngineError::ShutDown);
+        }
+        Ok(CancelHandle(cancel))
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        drop(self.commands.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One running sequence.
+struct Sequence {
+    /// Its request (sampling aside).
+    request: Request,
+    sink: Sink,
+    cancel: Arc<AtomicBool>,
+    sampler: Sampler,
+    detok: Detokenizer,
+    stops: StopStrings,
+    prompt_tokens: usize,
+    generated: usize,
+    /// Positions in the cache.
+    past: usize,
+    /// The last sampled token, fed at the next step.
+    next: u32,
+    submitted: Instant,
+    first_token: Option<Duration>,
+    done: bool,
+}
+
+impl Sequence {
+    /// Ends the sequence without more text.
+    fn end(&mut self, reason: FinishReason) {
+        let summary = Summary {
+            finish_reason: reason,
+            prompt_tokens: self.prompt_tokens,
+            generated_tokens: self.generated,
+            time_to_first_token: self.first_token.unwrap_or_default(),
+            total_time: self.submitted.elapsed(),
+        };
+        (self.sink)(Event::Finished(summary));
+        self.done = true;
+    }
+}
+
+struct Scheduler<F: Forward> {
+    model: F,
+    tokenizer: Arc<ModelTokenizer>,
+    waiting_count: Arc<AtomicUsize>,
+    waiting: VecDeque<Admitted>,
+    running: Vec<Sequence>,
+}
+
+impl<F: Forward> Scheduler<F> {
+    fn new(model: F, tokenizer: Arc<ModelTokenizer>, waiting_count: Arc<AtomicUsize>) -> Self {
+        Scheduler { model, tokenizer, waiting_count, waiting: VecDeque::new(), running: Vec::new() }
+    }
+
+    fn run(mut self, inbox: mpsc::Receiver<Admitted>) {
+        loop {
+            // Block only when there is nothing to do.
+            if self.running.is_empty() && self.waiting.is_empty() {
+                match inbox.recv() {
+                    Ok(a) => self.waiting.push_back(a),
+                    Err(_) => return,
+                }
+            }
+            loop {
+                match inbox.try_recv() {
+                    Ok(a) => self.waiting.push_back(a),
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => {
+                        self.shut_down();
+                        return;
+                    }
+                }
+            }
+            self.admit();
+            self.step();
+            self.release();
+        }
+    }
+
+    /// Prefills waiting requests into free slots.
+    fn admit(&mut self) {
+        while self.running.len() < self.model.slots() {
+            let Some(a) = self.waiting.pop_front() else { break };
+            self.waiting_count.fetch_sub(1, Ordering::AcqRel);
+            if a.cancel.load(Ordering::Relaxed) {
+                continue;
+            }
+            let slot = self.running.len();
+            let logits = match self.model.extend(slot, 0, &a.prompt, 1) {
+                Ok(l) => l,
+                Err(e) => {
+                    let mut sink = a.sink;
+                    sink(Event::Failed(e.into()));
+                    continue;
+                }
+            };
+            let vocab = self.model.vocab_size();
+            let mut seq = Sequence {
+                sampler: Sampler::new(a.request.sampling.clone(), vocab, &a.prompt),
+                stops: StopStrings::new(&a.request.stop_strings),
+                request: a.request,
+                sink: a.sink,
+                cancel: a.cancel,
+                detok: Detokenizer::default(),
+                prompt_tokens: a.prompt.len(),
+                generated: 0,
+                past: a.prompt.len(),
+                next: 0,
+                submitted: a.submitted,
+                first_token: None,
+                done: false,
+            };
+            let row = logits.row(0);
+            let row = row.as_slice().expect("logits rows are contiguous");
+            self.accept(&mut seq, row);
+            self.running.push(seq);
+            if self.running.last().is_some_and(|s| s.done) {
+                self.release();
+            }
+        }
+    }
+
+    /// One decode step for every running sequence.
+    fn step(&mut self) {
+        self.release();
+        if self.running.is_empty() {
+            return;
+        }
+        let rows: Vec<(u32, usize)> = self.running.iter().map(|s| (s.next, s.past)).collect();
+        match self.model.step(&rows) {
+            Ok(logits) => {
+                let mut running = std::mem::take(&mut self.running);
+                for (seq, row) in running.iter_mut().zip(logits.rows()) {
+                    seq.past += 1;
+                    self.accept(seq, row.as_slice().expect("logits rows are contiguous"));
+                }
+                self.running = running;
+            }
+            Err(e) => {
+                let e = EngineError::from(e);
+                for seq in &mut self.running {
+                    (seq.sink)(Event::Failed(e.clone()));
+                    seq.done = true;
+                }
+            }
+        }
+    }
+
+    /// Chooses `seq`'s next token from `logits`, streams it, and decides whether it ends.
+    fn accept(&self, seq: &mut Sequence, logits: &[f32]) {
+        let choice = seq.sampler.choose(logits);
+        let id = choice.id;
+        if seq.first_token.is_none() {
+            seq.first_token = Some(seq.submitted.elapsed());
+        }
+        let stop_token = if seq.request.stop_token_ids.contains(&id) {
+            Some(FinishReason::StopToken(id))
+        } else if !seq.request.ignore_eos && self.tokenizer.eos_ids.contains(&id) {
+            Some(FinishReason::Eos)
+        } else {
+            None
+        };
+        if let Some(reason) = stop_token {
+            return self.finish(seq, reason);
+        }
+        seq.generated += 1;
+        if !(seq.sink)(Event::Token(choice)) {
+            seq.done = true;
+            return;
+        }
+        let delta = match seq.detok.push(&self.tokenizer, id) {
+            Ok(d) => d,
+            Err(e) => return self.fail(seq, EngineError::Tokenizer(e.to_string())),
+        };
+        match seq.stops.push(&delta) {
+            Filtered::Text(text) => {
+                if !text.is_empty() && !(seq.sink)(Event::Text(text)) {
+                    seq.done = true;
+                    return;
+                }
+            }
+            Filtered::Stopped { text, stop } => {
+                if !text.is_empty() {
+                    (seq.sink)(Event::Text(text));
+                }
+                seq.stops = StopStrings::default();
+                return seq.end(FinishReason::StopString(stop));
+            }
+        }
+        seq.next = id;
+        if seq.generated >= seq.request.max_new_tokens {
+            self.finish(seq, FinishReason::Length);
+        } else if seq.past >= self.model.max_context() {
+            self.finish(seq, FinishReason::ContextFull);
+        }
+    }
+
+    /// Ends `seq`, showing the text still held back first.
+    fn finish(&self, seq: &mut Sequence, reason: FinishReason) {
+        let rest = match seq.detok.finish(&self.tokenizer) {
+            Ok(r) => r,
+            Err(e) => return self.fail(seq, EngineError::Tokenizer(e.to_string())),
+        };
+        // The tail may still complete a stop string.
+        let (text, reason) = match seq.stops.push(&rest) {
+            Filtered::Text(t) => (t + &seq.stops.flush(), reason),
+            Filtered::Stopped { text, stop } => (text, FinishReason::StopString(stop)),
+        };
+        if !text.is_empty() {
+            (seq.sink)(Event::Text(text));
+        }
+        seq.end(reason);
+    }
+
+    fn fail(&self, seq: &mut Sequence, e: EngineError) {
+        (seq.sink)(Event::Failed(e));
+        seq.done = true;
+    }
+
+    /// Removes finished and cancelled sequences, moving the last one into each freed slot.
+    fn release(&mut self) {
+        let mut i = 0;
+        while i < self.running.len() {
+            let seq = &mut self.running[i];
+            if !seq.done && seq.cancel.load(Ordering::Relaxed) {
+                seq.end(FinishReason::Cancelled);
+            }
+            if self.running[i].done {
+                let last = self.running.len() - 1;
+                if i != last {
+                    if let Err(e) = self.model.move_slot(last, i, self.running[last].past) {
+                        let e = EngineError::from(e);
+                        for seq in &mut self.running {
+                            (seq.sink)(Event::Failed(e.clone()));
+                        }
+                        self.running.clear();
+                        return;
+                    }
+                }
+                self.running.swap_remove(i);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    fn shut_down(&mut self) {
+        for seq in &mut self.running {
+            (seq.sink)(Event::Failed(EngineError::ShutDown));
+        }
+        for a in &mut self.waiting {
+            (a.sink)(Event::Failed(EngineError::ShutDown));
+        }
+        self.running.clear();
+        self.waiting.clear();
+    }
+}
+
+/// The tokenizer of the artifact in `dir`, with its special ids and chat template.
+pub fn artifact_tokenizer(dir: &Path, manifest: &Manifest) -> Result<ModelTokenizer, EngineError> {
+    let t = &manifest.tokenizer;
+    from_file(&dir.join(manifest::TOKENIZER_FILE), t.bos_id, t.eos_ids.clone(), t.chat_template.clone())
+        .map_err(|e| EngineError::Tokenizer(e.to_string()))
+}

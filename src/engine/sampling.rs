@@ -1,0 +1,343 @@
+//! Choosing the next token from one row of logits: penalties, then greedy or temperature
+//! sampling restricted by top-k, top-p and min-p, with the request's own random stream (so a
+//! seed gives the same tokens whatever else shares the batch).
+
+use rand_chacha::rand_core::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::EngineError;
+
+/// How a request picks its tokens. The defaults are greedy decoding with no penalties.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SamplingParams {
+    /// 0 picks the most likely token (greedy); above 0 divides the logits before sampling.
+    pub temperature: f32,
+    /// Keep only the `top_k` most likely tokens (0: all).
+    pub top_k: usize,
+    /// Keep the smallest set of most likely tokens whose probability reaches `top_p` (1: all).
+    pub top_p: f32,
+    /// Drop tokens less likely than `min_p` × the most likely one (0: none).
+    pub min_p: f32,
+    /// Divides positive logits and multiplies negative ones of every token seen in the
+    /// prompt or the output (1: off).
+    pub repetition_penalty: f32,
+    /// Subtracted from the logit of every token already generated (0: off).
+    pub presence_penalty: f32,
+    /// Subtracted once per earlier occurrence in the output (0: off).
+    pub frequency_penalty: f32,
+    /// Seed of the request's random stream (none: drawn from the clock).
+    pub seed: Option<u64>,
+    /// How many of the most likely tokens to report with their log-probabilities (at most 20).
+    pub top_logprobs: usize,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            seed: None,
+            top_logprobs: 0,
+        }
+    }
+}
+
+/// Most `top_logprobs` a request may ask for.
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+impl SamplingParams {
+    /// Checks every field; the error names the first one out of range.
+    pub fn validate(&self) -> Result<(), EngineError> {
+        let bad = |field: &'static str, reason: String| Err(EngineError::InvalidRequest { field, reason });
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return bad("temperature", format!("{} is not a finite number >= 0", self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("top_p", format!("{} is not in (0, 1]", self.top_p));
+        }
+        if !(self.min_p >= 0.0 && self.min_p < 1.0) {
+            return bad("min_p", format!("{} is not in [0, 1)", self.min_p));
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return bad("repetition_penalty", format!("{} is not a finite number > 0", self.repetition_penalty));
+        }
+        if !self.presence_penalty.is_finite() {
+            return bad("presence_penalty", format!("{} is not finite", self.presence_penalty));
+        }
+        if !self.frequency_penalty.is_finite() {
+            return bad("frequency_penalty", format!("{} is not finite", self.frequency_penalty));
+        }
+        if self.top_logprobs > MAX_TOP_LOGPROBS {
+            return bad("top_logprobs", format!("{} is above {MAX_TOP_LOGPROBS}", self.top_logprobs));
+        }
+        Ok(())
+    }
+}
+
+/// One chosen token with its log-probability under the model (before penalties and
+/// temperature), and the most likely alternatives when asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Choice {
+    /// The token.
+    pub id: u32,
+    /// Its log-probability.
+    pub logprob: f32,
+    /// The `top_logprobs` most likely tokens, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// A request's sampling state: its parameters, random stream and output counts.
+pub struct Sampler {
+    params: SamplingParams,
+    rng: ChaCha8Rng,
+    /// Tokens seen in prompt or output (repetition penalty).
+    seen: Vec<bool>,
+    /// Occurrences in the output (presence and frequency penalties).
+    counts: Vec<u32>,
+    scratch: Vec<(f32, u32)>,
+}
+
+impl Sampler {
+    /// A sampler for a request with `prompt` over a vocabulary of `vocab` tokens.
+    pub fn new(params: SamplingParams, vocab: usize, prompt: &[u32]) -> Self {
+        let seed = params.seed.unwrap_or_else(|| {
+            let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            t.as_nanos() as u64
+        });
+        let mut seen = vec![false; vocab];
+        for &t in prompt {
+            if let Some(s) = seen.get_mut(t as usize) {
+                *s = true;
+            }
+        }
+        Sampler { params, rng: ChaCha8Rng::seed_from_u64(seed), seen, counts: vec![0; vocab], scratch: Vec::new() }
+    }
+
+    /// Chooses the next token from `logits` and records it as generated.
+    pub fn choose(&mut self, logits: &[f32]) -> Choice {
+        let (lse, top) = log_softmax_top(logits, self.params.top_logprobs);
+        let mut l = logits.to_vec();
+        self.apply_penalties(&mut l);
+        let id = if self.params.temperature == 0.0 { argmax(&l) } else { self.sample(&mut l) };
+        self.record(id);
+        Choice { id, logprob: logits[id as usize] - lse, top }
+    }
+
+    fn apply_penalties(&self, l: &mut [f32]) {
+        let p = &self.params;
+        if p.repetition_penalty != 1.0 {
+            for (v, _) in l.iter_mut().zip(&self.seen).filter(|(_, &s)| s) {
+                *v = if *v > 0.0 { *v / p.repetition_penalty } else { *v * p.repetition_penalty };
+            }
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            for (v, &c) in l.iter_mut().zip(&self.counts).filter(|(_, &c)| c > 0) {
+                *v -= p.presence_penalty + p.frequency_penalty * c as f32;
+            }
+        }
+    }
+
+    /// Temperature, top-k, top-p and min-p, then one draw from what is left.
+    fn sample(&mut self, l: &mut [f32]) -> u32 {
+        let p = &self.params;
+        let t = p.temperature;
+        let max = l.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        // Candidates as (probability up to a constant, id), most likely first where it matters.
+        let c = &mut self.scratch;
+        c.clear();
+        c.extend(l.iter().enumerate().map(|(i, &v)| (((v - max) / t).exp(), i as u32)));
+        if p.top_k > 0 && p.top_k < c.len() {
+            c.select_nth_unstable_by(p.top_k - 1, |a, b| desc(a.0, b.0, a.1, b.1));
+            c.truncate(p.top_k);
+        }
+        if p.top_p < 1.0 {
+            keep_top_p(c, p.top_p);
+        }
+        if p.min_p > 0.0 {
+            // The most likely token survives top-k and top-p, so this is the overall best.
+            let best = c.iter().fold(0f32, |m, x| m.max(x.0));
+            c.retain(|x| x.0 >= p.min_p * best);
+        }
+        let total: f64 = c.iter().map(|x| x.0 as f64).sum();
+        let u = (self.rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * total;
+        let mut acc = 0f64;
+        for &(w, id) in c.iter() {
+            acc += w as f64;
+            if u < acc {
+                return id;
+            }
+        }
+        c.last().map_or(argmax(l), |x| x.1)
+    }
+
+    fn record(&mut self, id: u32) {
+        if let Some(s) = self.seen.get_mut(id as usize) {
+            *s = true;
+        }
+        if let Some(n) = self.counts.get_mut(id as usize) {
+            *n += 1;
+        }
+    }
+}
+
+/// log Σ exp(logits), and the `n` most likely tokens with their log-probabilities.
+fn log_softmax_top(logits: &[f32], n: usize) -> (f32, Vec<(u32, f32)>) {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let sum: f64 = logits.iter().map(|&v| ((v - max) as f64).exp()).sum();
+    let lse = max + sum.ln() as f32;
+    let k = n.min(logits.len());
+    if k == 0 {
+        return (lse, Vec::new());
+    }
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    let order = |&a: &u32, &b: &u32| desc(logits[a as usize], logits[b as usize], a, b);
+    idx.select_nth_unstable_by(k - 1, order);
+    idx.truncate(k);
+    idx.sort_by(order);
+    (lse, idx.into_iter().map(|i| (i, logits[i as usize] - lse)).collect())
+}
+
+/// Keeps the smallest most-likely-first prefix of `c` whose weight reaches `top_p` of the total.
+fn keep_top_p(c: &mut Vec<(f32, u32)>, top_p: f32) {
+    let total: f64 = c.iter().map(|x| x.0 as f64).sum();
+    let target = top_p as f64 * total;
+    // Most of the mass usually sits in a few hundred tokens: sort those first, and the rest
+    // only when they do not reach the target.
+    let head = 256.min(c.len());
+    if head < c.len() {
+        c.select_nth_unstable_by(head - 1, |a, b| desc(a.0, b.0, a.1, b.1));
+    }
+    c[..head].sort_unstable_by(|a, b| desc(a.0, b.0, a.1, b.1));
+    let mass: f64 = c[..head].iter().map(|x| x.0 as f64).sum();
+    if mass < target {
+        c.sort_unstable_by(|a, b| desc(a.0, b.0, a.1, b.1));
+    }
+    let mut acc = 0f64;
+    let mut keep = c.len();
+    for (i, x) in c.iter().enumerate() {
+        acc += x.0 as f64;
+        if acc >= target {
+            keep = i + 1;
+            break;
+        }
+    }
+    c.truncate(keep);
+}
+
+/// Descending by value, then ascending by id: one total order, so ties break the same way
+/// every time.
+fn desc(a: f32, b: f32, ia: u32, ib: u32) -> std::cmp::Ordering {
+    b.total_cmp(&a).then(ia.cmp(&ib))
+}
+
+/// Index of the largest value (the first one on ties).
+pub fn argmax(l: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in l.iter().enumerate() {
+        if v > l[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(f: impl FnOnce(&mut SamplingParams)) -> SamplingParams {
+        let mut p = SamplingParams { seed: Some(7), ..Default::default() };
+        f(&mut p);
+        p
+    }
+
+    #[test]
+    fn greedy_takes_the_argmax_and_reports_logprobs() {
+        let logits = [1.0f32, 3.0, 2.0, 3.0];
+        let mut s = Sampler::new(params(|p| p.top_logprobs = 2), 4, &[]);
+        let c = s.choose(&logits);
+        assert_eq!(c.id, 1, "first of the tied maxima");
+        let lse = logits.iter().map(|v| v.exp()).sum::<f32>().ln();
+        assert!((c.logprob - (3.0 - lse)).abs() < 1e-6);
+        assert_eq!(c.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 3]);
+    }
+
+    #[test]
+    fn top_k_one_and_tiny_top_p_are_greedy() {
+        let logits: Vec<f32> = (0..1000).map(|i| ((i * 37) % 101) as f32 / 10.0).collect();
+        let best = argmax(&logits);
+        for p in [params(|p| (p.temperature, p.top_k) = (1.0, 1)), params(|p| (p.temperature, p.top_p) = (1.0, 1e-6))] {
+            let mut s = Sampler::new(p, 1000, &[]);
+            for _ in 0..20 {
+                assert_eq!(s.choose(&logits).id, best);
+            }
+        }
+    }
+
+    #[test]
+    fn sampling_follows_the_distribution_and_the_seed() {
+        // p = softmax([0, ln 3]) = [0.25, 0.75].
+        let logits = [0.0f32, 3f32.ln()];
+        let draw = |seed| {
+            let mut s = Sampler::new(params(|p| (p.temperature, p.seed) = (1.0, Some(seed))), 2, &[]);
+            (0..4000).map(|_| s.choose(&logits).id).collect::<Vec<_>>()
+        };
+        let a = draw(1);
+        assert_eq!(a, draw(1), "same seed, same tokens");
+        assert_ne!(a, draw(2));
+        let ones = a.iter().filter(|&&t| t == 1).count() as f64 / a.len() as f64;
+        assert!((ones - 0.75).abs() < 0.03, "frequency of the likelier token {ones}");
+    }
+
+    #[test]
+    fn min_p_and_top_p_cut_the_tail() {
+        // Weights 0.5, 0.3, 0.15, 0.05.
+        let logits: Vec<f32> = [0.5f32, 0.3, 0.15, 0.05].iter().map(|p| p.ln()).collect();
+        let seen = |p: SamplingParams| {
+            let mut s = Sampler::new(p, 4, &[]);
+            let mut hit = [false; 4];
+            for _ in 0..2000 {
+                hit[s.choose(&logits).id as usize] = true;
+            }
+            hit
+        };
+        assert_eq!(seen(params(|p| p.temperature = 1.0)), [true; 4]);
+        assert_eq!(seen(params(|p| (p.temperature, p.top_p) = (1.0, 0.75))), [true, true, false, false]);
+        assert_eq!(seen(params(|p| (p.temperature, p.min_p) = (1.0, 0.35))), [true, true, false, false]);
+        assert_eq!(seen(params(|p| (p.temperature, p.top_k) = (1.0, 3))), [true, true, true, false]);
+    }
+
+    #[test]
+    fn penalties_steer_away_from_repeats() {
+        let logits = [2.0f32, 1.9, -1.0];
+        // Repetition: token 0 seen in the prompt: 2.0 / 2 = 1.0 < 1.9.
+        let mut s = Sampler::new(params(|p| p.repetition_penalty = 2.0), 3, &[0]);
+        assert_eq!(s.choose(&logits).id, 1);
+        // Presence: after token 0 is generated once it loses 0.5.
+        let mut s = Sampler::new(params(|p| p.presence_penalty = 0.5), 3, &[]);
+        assert_eq!(s.choose(&logits).id, 0);
+        assert_eq!(s.choose(&logits).id, 1);
+        // Frequency, 0.06 per occurrence: 2.0 and 1.94 beat 1.9, then 1.88 loses to 1.9, then
+        // 1.88 beats 1.84.
+        let mut s = Sampler::new(params(|p| p.frequency_penalty = 0.06), 3, &[]);
+        let ids: Vec<u32> = (0..4).map(|_| s.choose(&logits).id).collect();
+        assert_eq!(ids, vec![0, 0, 1, 0]);
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let err = params(|p| p.top_p = 0.0).validate().unwrap_err();
+        assert!(matches!(err, EngineError::InvalidRequest { field: "top_p", .. }), "{err}");
+        let err = params(|p| p.temperature = f32::NAN).validate().unwrap_err();
+        assert!(matches!(err, EngineError::InvalidRequest { field: "temperature", .. }), "{err}");
+        let err = params(|p| p.top_logprobs = 21).validate().unwrap_err();
+        assert!(matches!(err, EngineError::InvalidRequest { field: "top_logprobs", .. }), "{err}");
+        assert!(SamplingParams::default().validate().is_ok());
+    }
+}

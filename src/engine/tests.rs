@@ -1,0 +1,276 @@
+//! The scheduler over a fake model whose logits hash the whole cached history of a slot:
+//! a slot mix-up, a stale cache or a lost move shows up as different tokens.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ndarray::Array2;
+
+use super::*;
+
+const VOCAB: usize = 32;
+const EOS: u32 = 1;
+
+struct Fake {
+    history: Vec<Vec<u32>>,
+    context: usize,
+    steps: Arc<AtomicUsize>,
+    delay: Duration,
+}
+
+fn logits(history: &[u32]) -> Vec<f32> {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for &t in history {
+        h = (h ^ t as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    (0..VOCAB as u64)
+        .map(|j| {
+            let x = (h ^ j.wrapping_mul(0x9e37_79b9_7f4a_7c15)).wrapping_mul(0xff51_afd7_ed55_8ccd);
+            (x >> 40) as f32 / (1u64 << 24) as f32 * 6.0
+        })
+        .collect()
+}
+
+impl Forward for Fake {
+    fn slots(&self) -> usize {
+        self.history.len()
+    }
+
+    fn max_context(&self) -> usize {
+        self.context
+    }
+
+    fn vocab_size(&self) -> usize {
+        VOCAB
+    }
+
+    fn extend(&mut self, slot: usize, past: usize, tokens: &[u32], last: usize) -> Result<Array2<f32>, RuntimeError> {
+        let h = &mut self.history[slot];
+        h.truncate(past);
+        let mut rows = Vec::new();
+        for (i, &t) in tokens.iter().enumerate() {
+            h.push(t);
+            if i + last >= tokens.len() {
+                rows.extend(logits(h));
+            }
+        }
+        Ok(Array2::from_shape_vec((last, VOCAB), rows).expect("rows"))
+    }
+
+    fn step(&mut self, rows: &[(u32, usize)]) -> Result<Array2<f32>, RuntimeError> {
+        std::thread::sleep(self.delay);
+        self.steps.fetch_add(1, Ordering::SeqCst);
+        let mut out = Vec::new();
+        for (slot, &(token, past)) in rows.iter().enumerate() {
+            let h = &mut self.history[slot];
+            assert_eq!(h.len(), past, "slot {slot} holds {} positions, the engine says {past}", h.len());
+            h.push(token);
+            out.extend(logits(h));
+        }
+        Ok(Array2::from_shape_vec((rows.len(), VOCAB), out).expect("rows"))
+    }
+
+    fn move_slot(&mut self, from: usize, to: usize, len: usize) -> Result<(), RuntimeError> {
+        self.history[to] = self.history[from][..len].to_vec();
+        Ok(())
+    }
+}
+
+/// Word-level tokenizer: `<unk>`, `</s>`, `<s>`, then two-letter words; decoding joins
+/// words with spaces.
+fn tokenizer() -> ModelTokenizer {
+    let mut vocab = serde_json::Map::new();
+    for (i, w) in ["<unk>", "</s>", "<s>"].iter().enumerate() {
+        vocab.insert(w.to_string(), i.into());
+    }
+    for i in 3..VOCAB {
+        let w = format!("{}{}", (b'a' + (i % 26) as u8) as char, (b'a' + (i * 7 % 26) as u8) as char);
+        vocab.insert(w, i.into());
+    }
+    let doc = serde_json::json!({
+        "version": "1.0",
+        "added_tokens": [
+            {"id": 1, "content": "</s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}
+        ],
+        "pre_tokenizer": {"type": "Whitespace"},
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"},
+    });
+    let inner: tokenizers::Tokenizer = doc.to_string().parse().expect("tokenizer");
+    ModelTokenizer::new(inner, Some(2), vec![EOS], None)
+}
+
+fn engine(slots: usize, queue: usize, delay: Duration) -> (Engine, Arc<AtomicUsize>) {
+    let steps = Arc::new(AtomicUsize::new(0));
+    let s = steps.clone();
+    let open = move || Ok(Fake { history: vec![Vec::new(); slots], context: 64, steps: s, delay });
+    (Engine::start(open, tokenizer(), EngineOptions { queue_capacity: queue }).expect("engine"), steps)
+}
+
+fn request(prompt: &[u32], f: impl FnOnce(&mut Request)) -> Request {
+    let mut r = Request { prompt: Prompt::Tokens(prompt.to_vec()), max_new_tokens: 20, ..Default::default() };
+    f(&mut r);
+    r
+}
+
+fn requests() -> Vec<Request> {
+    vec![
+        request(&[3, 4, 5], |_| {}),
+        request(&[6], |r| (r.sampling.temperature, r.sampling.seed) = (1.0, Some(11))),
+        request(&[7, 8, 9, 10, 11, 12, 13], |r| r.max_new_tokens = 5),
+        request(&[14, 15], |r| {
+            (r.sampling.temperature, r.sampling.top_p, r.sampling.seed) = (0.8, 0.9, Some(5));
+            r.ignore_eos = true;
+            r.max_new_tokens = 30;
+        }),
+        request(&[16, 3, 16], |r| (r.sampling.repetition_penalty, r.sampling.top_logprobs) = (1.3, 3)),
+        request(&[20, 21, 22, 23], |r| {
+            (r.sampling.temperature, r.sampling.top_k, r.sampling.min_p, r.sampling.seed) = (1.2, 8, 0.1, Some(99));
+            r.ignore_eos = true;
+        }),
+    ]
+}
+
+#[test]
+fn batching_is_invisible() {
+    let alone: Vec<Output> = requests()
+        .into_iter()
+        .map(|r| {
+            let (e, _) = engine(3, 8, Duration::ZERO);
+            e.submit(r).expect("submit").collect().expect("output")
+        })
+        .collect();
+    assert!(alone.iter().any(|o| o.token_ids.len() >= 20), "some requests run long");
+    // Three slots for six staggered requests: some wait, slots are reused and moved.
+    let (e, _) = engine(3, 8, Duration::from_millis(1));
+    let mut running = Vec::new();
+    for r in requests() {
+        running.push(e.submit(r).expect("submit"));
+        std::thread::sleep(Duration::from_millis(3));
+    }
+    for (i, (g, want)) in running.into_iter().zip(&alone).enumerate() {
+        let got = g.collect().expect("output");
+        assert_eq!(got.token_ids, want.token_ids, "request {i}");
+        assert_eq!(got.text, want.text, "request {i}");
+        let reason = |o: &Output| o.summary.as_ref().expect("summary").finish_reason.clone();
+        assert_eq!(reason(&got), reason(want), "request {i}");
+    }
+}
+
+#[test]
+fn cancellation_frees_the_slot_within_one_step() {
+    let (e, steps) = engine(1, 8, Duration::from_millis(5));
+    let long = e.submit(request(&[3], |r| (r.max_new_tokens, r.ignore_eos) = (10_000, true))).expect("submit");
+    let Event::Token(_) = long.events.recv().expect("first token") else { panic!("expected a token") };
+    let waiting = e.submit(request(&[4], |r| r.max_new_tokens = 1)).expect("submit");
+    long.cancel.cancel();
+    let at_cancel = steps.load(Ordering::SeqCst);
+    let reason = loop {
+        match long.events.recv().expect("event") {
+            Event::Finished(s) => break s.finish_reason,
+            Event::Token(_) | Event::Text(_) => {}
+            Event::Failed(err) => panic!("{err}"),
+        }
+    };
+    assert_eq!(reason, FinishReason::Cancelled);
+    assert!(steps.load(Ordering::SeqCst) <= at_cancel + 1, "at most the step already running");
+    let out = waiting.collect().expect("the waiting request gets the slot");
+    assert_eq!(out.token_ids.len(), 1);
+}
+
+#[test]
+fn dropping_the_receiver_cancels() {
+    let (e, steps) = engine(1, 8, Duration::from_millis(2));
+    let g = e.submit(request(&[3], |r| (r.max_new_tokens, r.ignore_eos) = (10_000, true))).expect("submit");
+    g.events.recv().expect("first event");
+    drop(g);
+    let out = e.submit(request(&[4], |r| r.max_new_tokens = 2)).expect("submit").collect().expect("output");
+    assert_eq!(out.token_ids.len(), 2);
+    assert!(steps.load(Ordering::SeqCst) < 100, "the dropped request did not run to its limit");
+}
+
+#[test]
+fn a_full_queue_refuses_with_overloaded() {
+    let (e, _) = engine(1, 2, Duration::from_millis(20));
+    let long = |_| request(&[3], |r| (r.max_new_tokens, r.ignore_eos) = (1_000, true));
+    let results: Vec<Result<Generation, EngineError>> = (0..4).map(|i| e.submit(long(i))).collect();
+    assert!(results[0].is_ok() && results[1].is_ok());
+    match &results[3] {
+        Err(err @ EngineError::Overloaded { capacity: 2, .. }) => assert_eq!(err.kind(), "overloaded"),
+        Err(err) => panic!("expected overloaded, got {err}"),
+        Ok(_) => panic!("a fourth request fit a queue of two behind one slot"),
+    }
+    for g in results.into_iter().flatten() {
+        g.cancel.cancel();
+    }
+}
+
+#[test]
+fn prompt_longer_than_the_context_fails_unless_truncated() {
+    let (e, _) = engine(1, 2, Duration::ZERO);
+    let prompt: Vec<u32> = (0..80).map(|i| 3 + i % 20).collect();
+    let err = e.submit(request(&prompt, |_| {})).err().expect("refused");
+    assert_eq!(err, EngineError::PromptTooLong { tokens: 80, context: 64 });
+    let out = e
+        .submit(request(&prompt, |r| (r.truncate_prompt, r.max_new_tokens, r.ignore_eos) = (true, 4, true)))
+        .expect("truncated")
+        .collect()
+        .expect("output");
+    assert_eq!(out.summary.expect("summary").prompt_tokens, 60, "64 positions minus room for 4 tokens");
+    let alone = e
+        .submit(request(&prompt[20..], |r| (r.max_new_tokens, r.ignore_eos) = (4, true)))
+        .expect("submit")
+        .collect()
+        .expect("output");
+    assert_eq!(out.token_ids, alone.token_ids, "truncation keeps the end of the prompt");
+}
+
+#[test]
+fn a_stop_string_across_tokens_ends_the_text_before_it() {
+    let (e, _) = engine(1, 2, Duration::ZERO);
+    let base = request(&[5, 6], |r| (r.max_new_tokens, r.ignore_eos) = (12, true));
+    let full = e.submit(base.clone()).expect("submit").collect().expect("output");
+    // Words are two letters joined by spaces: "xy zw ..."; stop on the last letter of the
+    // fourth word, the space and the first letter of the fifth.
+    let cut = full.text.char_indices().filter(|(_, c)| *c == ' ').nth(3).expect("five words").0;
+    let stop = full.text[cut - 1..cut + 2].to_string();
+    let first = full.text.find(&stop).expect("present");
+    let stopped = Request { stop_strings: vec![stop.clone()], ..base };
+    let g = e.submit(stopped).expect("submit");
+    let mut text = String::new();
+    let mut reason = None;
+    for event in g.events {
+        match event {
+            Event::Text(t) => text.push_str(&t),
+            Event::Finished(s) => reason = Some(s.finish_reason),
+            _ => {}
+        }
+    }
+    assert_eq!(text, full.text[..first], "text up to the stop string, nothing of it");
+    assert_eq!(reason, Some(FinishReason::StopString(stop)));
+}
+
+#[test]
+fn bad_requests_name_their_field() {
+    let (e, _) = engine(1, 2, Duration::ZERO);
+    let err = |r: Request| e.submit(r).err().expect("refused");
+    assert!(matches!(
+        err(request(&[3], |r| r.max_new_tokens = 0)),
+        EngineError::InvalidRequest { field: "max_new_tokens", .. }
+    ));
+    assert!(matches!(
+        err(request(&[3], |r| r.sampling.min_p = 2.0)),
+        EngineError::InvalidRequest { field: "min_p", .. }
+    ));
+    assert!(matches!(err(request(&[999], |_| {})), EngineError::InvalidRequest { field: "prompt", .. }));
+    assert!(matches!(err(request(&[], |_| {})), EngineError::InvalidRequest { field: "prompt", .. }));
+    assert!(matches!(
+        err(request(&[3], |r| r.stop_strings = vec![String::new()])),
+        EngineError::InvalidRequest { field: "stop_strings", .. }
+    ));
+    let chat = Request {
+        prompt: Prompt::Chat(vec![Message { role: "user".into(), content: "hi".into() }]),
+        ..Default::default()
+    };
+    assert!(matches!(err(chat), EngineError::InvalidRequest { field: "messages", .. }), "no chat template");
+}
