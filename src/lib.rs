@@ -20,6 +20,7 @@
 //! runtime, engine, serving) read from `model`, never the reverse.
 #![warn(missing_docs, clippy::unwrap_used)]
 
+pub mod bench;
 pub mod check;
 pub mod engine;
 pub mod model;

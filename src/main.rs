@@ -9,14 +9,19 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use kiln::check::report::CheckOptions;
 use kiln::model::gguf::GgufFile;
-use kiln::model::reference::Reference;
-use kiln::model::tokenizer::TextStream;
+use kiln::engine::chat::Message;
+use kiln::engine::native::NativeForward;
+use kiln::engine::sampling::SamplingParams;
+use kiln::engine::{artifact_tokenizer, Engine, EngineOptions, Event, Prompt, Request};
 use kiln::model::{default_model_path, Model};
 use kiln::onnx::decoder::TensorReport;
 use kiln::onnx::export::{export_recipe, ExportOptions, ExportOutcome, Progress};
 use kiln::onnx::manifest::{self, Manifest};
 use kiln::onnx::recipe::CheckThresholds;
-use kiln::runtime::Provider;
+use kiln::runtime::{Provider, ServingDecoder, SessionOptions};
+
+/// Positions per sequence `kiln generate` allows (capped by the artifact's `max_context`).
+const DEFAULT_CONTEXT: usize = 4096;
 
 #[derive(Parser)]
 #[command(name = "kiln", version, about = "Quantize, export, check and serve causal language models")]
@@ -106,23 +111,125 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Generate a greedy continuation of a prompt, streaming it to the terminal.
+    /// Generate from a prompt, streaming the text to the terminal: from an artifact through
+    /// ONNX Runtime, or from a GGUF file / Hugging Face directory through the native
+    /// reference forward pass.
     Generate {
-        /// A GGUF file or a Hugging Face directory (default: the model `make setup` fetched).
+        /// An artifact directory, a GGUF file or a Hugging Face directory (default: the model
+        /// `make setup` fetched).
         model: Option<PathBuf>,
-        /// Which implementation runs the model.
-        #[arg(long, value_enum, default_value_t = Backend::Reference)]
-        backend: Backend,
         /// The prompt text.
         #[arg(long)]
         prompt: String,
+        /// Send the prompt as a user message through the model's chat template.
+        #[arg(long)]
+        chat: bool,
+        /// A system message (with --chat).
+        #[arg(long, requires = "chat")]
+        system: Option<String>,
         /// Maximum number of new tokens.
-        #[arg(short = 'n', long, default_value_t = 32)]
+        #[arg(short = 'n', long, default_value_t = 128)]
         max_tokens: usize,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+        /// Stop before this string (repeatable).
+        #[arg(long)]
+        stop: Vec<String>,
+        /// Keep generating after EOS.
+        #[arg(long)]
+        ignore_eos: bool,
+        /// Execution provider (artifacts only).
+        #[arg(long, value_enum, default_value_t = Ep::Cpu)]
+        ep: Ep,
+        /// Threads ONNX Runtime uses (0: one per core).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
         /// Print one JSON object (token_ids, text, finish_reason, timings) instead.
         #[arg(long)]
         json: bool,
     },
+    /// Measure artifacts: size, memory, time to first token, prefill and decode speed at short
+    /// and long context, and aggregate throughput of concurrent streams.
+    Bench {
+        /// Artifact directories.
+        #[arg(required = true)]
+        artifacts: Vec<PathBuf>,
+        /// Tokens generated per measurement.
+        #[arg(long, default_value_t = 64)]
+        tokens: usize,
+        /// The long context at which decode speed is measured again.
+        #[arg(long, default_value_t = 1024)]
+        long_context: usize,
+        /// Concurrent stream counts for the aggregate throughput rows.
+        #[arg(long, value_delimiter = ',', default_value = "1,4,8,16")]
+        streams: Vec<usize>,
+        /// Threads ONNX Runtime uses (0: one per core).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// Print one JSON object per artifact instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Internal: `kiln bench` runs each artifact in a process of its own through this.
+#[derive(Parser)]
+#[command(name = "kiln bench-one", hide = true)]
+struct BenchOne {
+    artifact: PathBuf,
+    #[arg(long)]
+    tokens: usize,
+    #[arg(long)]
+    long_context: usize,
+    #[arg(long, value_delimiter = ',')]
+    streams: Vec<usize>,
+    #[arg(long)]
+    threads: usize,
+}
+
+/// Sampling flags of `kiln generate`.
+#[derive(clap::Args)]
+struct SamplingArgs {
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Keep the k most likely tokens (0: all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Nucleus sampling mass.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Drop tokens below this fraction of the most likely one.
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    /// Penalize tokens already in prompt or output (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// Subtract from tokens already generated.
+    #[arg(long, default_value_t = 0.0)]
+    presence_penalty: f32,
+    /// Subtract per earlier occurrence in the output.
+    #[arg(long, default_value_t = 0.0)]
+    frequency_penalty: f32,
+    /// Random seed (same seed, same tokens).
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+impl SamplingArgs {
+    fn params(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            seed: self.seed,
+            top_logprobs: 0,
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -145,13 +252,19 @@ impl From<Ep> for Provider {
     }
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum Backend {
-    /// kiln's native f32 forward pass (ndarray).
-    Reference,
-}
-
 fn main() -> Result<()> {
+    if std::env::args().nth(1).as_deref() == Some(BENCH_ONE) {
+        let a = BenchOne::parse_from(std::env::args().skip(1));
+        let opts = kiln::bench::BenchOptions {
+            tokens: a.tokens,
+            long_context: a.long_context,
+            streams: a.streams,
+            threads: a.threads,
+        };
+        let row = kiln::bench::bench_artifact(&a.artifact, &opts).map_err(anyhow::Error::msg)?;
+        println!("{}", serde_json::to_string(&row)?);
+        return Ok(());
+    }
     match Cli::parse().command {
         Command::Inspect { model, write_tokenizer, compare_granularity } => {
             let path = model.unwrap_or_else(default_model_path);
@@ -197,8 +310,41 @@ fn main() -> Result<()> {
             check(&artifacts, &opts, json)
         }
         Command::Tokenize { model, text, json } => tokenize(model, &text, json),
-        Command::Generate { model, backend: Backend::Reference, prompt, max_tokens, json } => {
-            generate(model.unwrap_or_else(default_model_path), &prompt, max_tokens, json)
+        Command::Generate {
+            model,
+            prompt,
+            chat,
+            system,
+            max_tokens,
+            sampling,
+            stop,
+            ignore_eos,
+            ep,
+            threads,
+            json,
+        } => {
+            let prompt = if chat {
+                let mut messages: Vec<Message> =
+                    system.into_iter().map(|content| Message { role: "system".into(), content }).collect();
+                messages.push(Message { role: "user".into(), content: prompt });
+                Prompt::Chat(messages)
+            } else {
+                Prompt::Text(prompt)
+            };
+            let request = Request {
+                prompt,
+                sampling: sampling.params(),
+                max_new_tokens: max_tokens,
+                stop_strings: stop,
+                ignore_eos,
+                ..Default::default()
+            };
+            let path = model.unwrap_or_else(default_model_path);
+            generate(&path, request, ep.into(), threads, json)
+        }
+        Command::Bench { artifacts, tokens, long_context, streams, threads, json } => {
+            let opts = kiln::bench::BenchOptions { tokens, long_context, streams, threads };
+            bench(&artifacts, &opts, json)
         }
     }
 }
@@ -438,48 +584,97 @@ fn tokenize(path: PathBuf, text: &str, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn generate(path: PathBuf, prompt: &str, max_tokens: usize, json: bool) -> Result<()> {
-    let model = load(&path)?;
-    let tok = &model.tokenizer;
-    let prompt_ids = tok.encode_prompt(prompt)?;
-    let reference = Reference::new(&model);
-    let mut stream = TextStream::default();
-    let mut stdout = std::io::stdout();
-    let t0 = Instant::now();
-    let mut first_token_at = None;
-    let mut stream_err = None;
-    let ids = reference.greedy(&prompt_ids, max_tokens, &tok.eos_ids, |id| {
-        first_token_at.get_or_insert_with(|| t0.elapsed());
+/// Hidden first argument that runs one artifact's bench (see [`bench`]).
+const BENCH_ONE: &str = "bench-one";
+
+/// Benches each artifact in a child process, so each peak RSS is its own.
+fn bench(artifacts: &[PathBuf], opts: &kiln::bench::BenchOptions, json: bool) -> Result<()> {
+    let exe = std::env::current_exe().context("finding the kiln executable")?;
+    let streams: Vec<String> = opts.streams.iter().map(|n| n.to_string()).collect();
+    let mut rows = Vec::new();
+    for dir in artifacts {
+        eprintln!("benching {} ...", dir.display());
+        let out = std::process::Command::new(&exe)
+            .arg(BENCH_ONE)
+            .arg(dir)
+            .args(["--tokens", &opts.tokens.to_string(), "--long-context", &opts.long_context.to_string()])
+            .args(["--streams", &streams.join(","), "--threads", &opts.threads.to_string()])
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .context("running the bench process")?;
+        if !out.status.success() {
+            bail!("bench of {} failed", dir.display());
+        }
+        let row: kiln::bench::BenchRow =
+            serde_json::from_slice(&out.stdout).with_context(|| format!("bench output for {}", dir.display()))?;
         if json {
-            return;
+            println!("{}", serde_json::to_string(&row)?);
         }
-        match stream.step(tok, id) {
-            Ok(Some(delta)) => {
-                print!("{delta}");
-                let _ = stdout.flush();
-            }
-            Ok(None) => {}
-            Err(e) => stream_err = Some(e),
-        }
-    })?;
-    if let Some(e) = stream_err {
-        return Err(e.into());
+        rows.push(row);
     }
-    let total = t0.elapsed().as_secs_f64();
-    let ttft = first_token_at.map_or(0.0, |d| d.as_secs_f64());
+    if !json {
+        print!("{}", kiln::bench::render(&rows));
+    }
+    Ok(())
+}
+
+/// Starts an engine with one slot over an artifact (ONNX Runtime) or a model (reference).
+fn single_engine(path: &Path, provider: Provider, threads: usize, context: usize) -> Result<(Engine, &'static str)> {
+    if path.join(manifest::MANIFEST_FILE).is_file() {
+        let m = Manifest::read(path)?;
+        let tokenizer = artifact_tokenizer(path, &m)?;
+        let opts = SessionOptions { provider, intra_threads: threads, ..Default::default() };
+        let dir = path.to_path_buf();
+        let context = context.min(m.max_context);
+        let open = move || ServingDecoder::open(&dir, &opts, 1, context);
+        Ok((Engine::start(open, tokenizer, EngineOptions::default())?, "onnxruntime"))
+    } else {
+        if provider != Provider::Cpu {
+            bail!("--ep {} needs an artifact directory; {} is a model", provider.name(), path.display());
+        }
+        let model = load(path)?;
+        let tokenizer = model.tokenizer.clone();
+        let context = context.min(model.config.max_position_embeddings);
+        let open = move || Ok(NativeForward::new(model, 1, context));
+        Ok((Engine::start(open, tokenizer, EngineOptions::default())?, "reference"))
+    }
+}
+
+fn generate(path: &Path, request: Request, provider: Provider, threads: usize, json: bool) -> Result<()> {
+    let (engine, backend) = single_engine(path, provider, threads, DEFAULT_CONTEXT)?;
+    let generation = engine.submit(request)?;
+    let mut stdout = std::io::stdout();
+    let (mut ids, mut text) = (Vec::new(), String::new());
+    let mut summary = None;
+    for event in generation.events {
+        match event {
+            Event::Token(c) => ids.push(c.id),
+            Event::Text(t) => {
+                if !json {
+                    print!("{t}");
+                    let _ = stdout.flush();
+                }
+                text.push_str(&t);
+            }
+            Event::Finished(s) => summary = Some(s),
+            Event::Failed(e) => return Err(e.into()),
+        }
+    }
+    let s = summary.context("the engine stopped before the request finished")?;
+    let ttft = s.time_to_first_token.as_secs_f64();
+    let total = s.total_time.as_secs_f64();
     let decode_tps = if ids.len() > 1 { (ids.len() - 1) as f64 / (total - ttft) } else { 0.0 };
-    let finish = if ids.last().is_some_and(|id| tok.eos_ids.contains(id)) { "eos" } else { "length" };
     if json {
         let out = serde_json::json!({
             "token_ids": ids,
-            "text": tok.decode(&ids)?,
-            "finish_reason": finish,
-            "prompt_tokens": prompt_ids.len(),
-            "completion_tokens": ids.len(),
-            "backend": "reference",
+            "text": text,
+            "finish_reason": s.finish_reason.label(),
+            "prompt_tokens": s.prompt_tokens,
+            "completion_tokens": s.generated_tokens,
+            "backend": backend,
             "timings": {
                 "ttft_s": ttft,
-                "prefill_tokens_per_s": prompt_ids.len() as f64 / ttft,
+                "prefill_tokens_per_s": s.prompt_tokens as f64 / ttft,
                 "decode_tokens_per_s": decode_tps,
                 "total_s": total,
             }
@@ -487,12 +682,14 @@ fn generate(path: PathBuf, prompt: &str, max_tokens: usize, json: bool) -> Resul
         println!("{out}");
     } else {
         println!();
+        let _ = stdout.flush();
         eprintln!(
-            "[{} prompt + {} new tokens, finish {finish}; TTFT {:.0} ms ({:.0} prompt tokens/s), decode {:.1} tokens/s]",
-            prompt_ids.len(),
-            ids.len(),
+            "[{backend}: {} prompt + {} new tokens, finish {}; TTFT {:.0} ms ({:.0} prompt tokens/s), decode {:.1} tokens/s]",
+            s.prompt_tokens,
+            s.generated_tokens,
+            s.finish_reason.label(),
             ttft * 1e3,
-            prompt_ids.len() as f64 / ttft,
+            s.prompt_tokens as f64 / ttft,
             decode_tps
         );
     }

@@ -11,6 +11,7 @@
 //! for a slot, and one more is refused with [`EngineError::Overloaded`].
 
 pub mod chat;
+pub mod native;
 pub mod sampling;
 #[cfg(test)]
 mod tests;

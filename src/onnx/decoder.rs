@@ -21,7 +21,8 @@
 //! for the whole context (`[batch, kv_heads, max_sequence_length, head_dim]`) that the
 //! caller binds as both `past_key_values.*` and `present.*`, so a decode step writes one
 //! position in place instead of copying the cache; `seqlens_k` [batch] i32 holds each row's
-//! total length − 1 and `total_sequence_length` (i32 scalar) the longest total. Both forms
+//! total length − 1 and `total_sequence_length` (i32 scalar) the longest total;
+//! `logits_to_keep` ([1] i64) says how many last positions get logits. Both forms
 //! share every initializer, so the artifact stores the weights once.
 //!
 //! Grouped-query attention runs in 5-D, `[batch, kv_heads, group, seq, head_dim]`, so each
@@ -102,7 +103,8 @@ pub fn input_names(form: GraphForm, layers: usize) -> Vec<String> {
     let mut names: Vec<String> = match form {
         GraphForm::Portable => vec!["input_ids".into(), "attention_mask".into(), "position_ids".into()],
         GraphForm::Serving => {
-            vec!["input_ids".into(), "position_ids".into(), "seqlens_k".into(), "total_sequence_length".into()]
+            let names = ["input_ids", "position_ids", "seqlens_k", "total_sequence_length", "logits_to_keep"];
+            names.iter().map(|n| n.to_string()).collect()
         }
     };
     for i in 0..layers {
@@ -167,6 +169,7 @@ impl Decoder<'_, '_> {
         if src.form == GraphForm::Serving {
             g.input("seqlens_k", DType::I32, &[sym("batch_size")]);
             g.input("total_sequence_length", DType::I32, &[]);
+            g.input("logits_to_keep", DType::I64, &[Dim::Fixed(1)]);
         }
         let kv_dims = [sym("batch_size"), Dim::Fixed(kvh), sym(kv_len), Dim::Fixed(hd)];
         for i in 0..c.num_layers {
@@ -179,12 +182,23 @@ impl Decoder<'_, '_> {
         for i in 0..c.num_layers {
             x = self.layer(i, &x, &shared, src.weights, scheme_for)?;
         }
+        if src.form == GraphForm::Serving {
+            // Only the last `logits_to_keep` positions reach the lm_head: a prefill needs one.
+            let g = &mut self.g;
+            let start = g.op("Neg", "/logits_to_keep/Neg", &["logits_to_keep"], &[]);
+            let (end, axis) = (g.ints(&[i64::MAX]), g.ints(&[1]));
+            x = g.op("Slice", "/logits_to_keep/Slice", &[&x, &start, &end, &axis], &[]);
+        }
         let h = self.rms_norm("/model/norm", &x, &src.weights.norm.to_vec(), "model.norm.weight");
         let head = self.weight("lm_head.weight", src.weights.lm_head(), scheme_for("lm_head.weight"))?;
         self.g.op_to("MatMul", "/lm_head/MatMul", &[&h, &head], &[], "logits");
 
         let g = &mut self.g;
-        g.output("logits", DType::F32, &[sym("batch_size"), sym("sequence_length"), Dim::Fixed(c.vocab_size as i64)]);
+        let logits_len = match src.form {
+            GraphForm::Portable => "sequence_length",
+            GraphForm::Serving => "logits_sequence_length",
+        };
+        g.output("logits", DType::F32, &[sym("batch_size"), sym(logits_len), Dim::Fixed(c.vocab_size as i64)]);
         let present = [sym("batch_size"), Dim::Fixed(kvh), sym(total_len), Dim::Fixed(hd)];
         for i in 0..c.num_layers {
             g.output(&format!("present.{i}.key"), DType::F32, &present);

@@ -11,7 +11,7 @@ use std::ffi::CStr;
 use std::path::Path;
 use std::ptr::NonNull;
 
-use ndarray::{s, Array2, Ix3};
+use ndarray::{Array2, Ix3};
 use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::{OutputSelector, RunOptions, Session};
 use ort::value::{DynValue, Tensor, Value};
@@ -94,6 +94,7 @@ impl ServingDecoder {
             ("position_ids".into(), Tensor::from_array(([rows, seq], positions)).map_err(err)?.into_dyn()),
             ("seqlens_k".into(), Tensor::from_array(([rows], seqlens)).map_err(err)?.into_dyn()),
             ("total_sequence_length".into(), Tensor::from_array(ndarray::arr0(total)).map_err(err)?.into_dyn()),
+            ("logits_to_keep".into(), Tensor::from_array(([1], vec![last as i64])).map_err(err)?.into_dyn()),
         ];
         let c = &self.manifest.config;
         let shape = [rows as i64, c.num_kv_heads as i64, self.context as i64, c.head_dim as i64];
@@ -122,8 +123,7 @@ impl ServingDecoder {
             .into_dimensionality::<Ix3>()
             .map_err(|e| RuntimeError::Run(format!("logits: {e}")))?;
         let vocab = logits.shape()[2];
-        let tail = logits.slice(s![.., seq - last.., ..]);
-        let rows_out = tail.to_shape((rows * last, vocab)).map_err(|e| RuntimeError::Run(format!("logits: {e}")))?;
+        let rows_out = logits.to_shape((rows * last, vocab)).map_err(|e| RuntimeError::Run(format!("logits: {e}")))?;
         Ok(rows_out.to_owned())
     }
 }

@@ -1,0 +1,208 @@
+//! `kiln bench`: what people compare precisions by. One artifact per process (so peak memory
+//! is its own): weights size, peak resident memory, time to first token, prefill speed,
+//! decode speed at short and at long context, and aggregate decode throughput of concurrent
+//! streams through the engine.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::engine::{artifact_tokenizer, Engine, EngineOptions, Prompt, Request};
+use crate::onnx::manifest::{self, Manifest};
+use crate::runtime::{Forward, ServingDecoder, SessionOptions};
+
+/// What to measure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BenchOptions {
+    /// Tokens generated per decode measurement and per stream.
+    pub tokens: usize,
+    /// Context length of the long-context decode measurement.
+    pub long_context: usize,
+    /// Concurrent stream counts.
+    pub streams: Vec<usize>,
+    /// ONNX Runtime intra-op threads (0: one per core).
+    pub threads: usize,
+}
+
+/// Prompt length of the time-to-first-token measurement.
+pub const TTFT_PROMPT: usize = 128;
+/// Prompt length of the prefill throughput measurement.
+pub const PREFILL_PROMPT: usize = 512;
+/// Prompt length of the short-context decode measurement and of each stream.
+pub const SHORT_PROMPT: usize = 16;
+
+/// One artifact's figures.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct BenchRow {
+    /// Artifact name.
+    pub name: String,
+    /// Bytes of `model.onnx.data`.
+    pub weight_bytes: u64,
+    /// Peak resident memory of the process after the single-stream measurements.
+    pub peak_rss_bytes: u64,
+    /// Time to first token for a 128-token prompt, seconds.
+    pub ttft_s: f64,
+    /// Prefill tokens per second over a 512-token prompt.
+    pub prefill_tokens_per_s: f64,
+    /// Decode tokens per second after a 16-token prompt.
+    pub decode_tokens_per_s: f64,
+    /// Decode tokens per second after a `long_context`-token prompt.
+    pub decode_long_tokens_per_s: f64,
+    /// The long context used.
+    pub long_context: usize,
+    /// (streams, aggregate generated tokens per second).
+    pub streams: Vec<(usize, f64)>,
+}
+
+/// Errors as text: bench reports and moves on.
+pub type BenchError = String;
+
+/// Measures the artifact in `dir`.
+pub fn bench_artifact(dir: &Path, opts: &BenchOptions) -> Result<BenchRow, BenchError> {
+    let m = Manifest::read(dir).map_err(|e| e.to_string())?;
+    let weight_bytes = std::fs::metadata(dir.join(manifest::DATA_FILE)).map_err(|e| e.to_string())?.len();
+    let session = SessionOptions { intra_threads: opts.threads, ..Default::default() };
+    let tokens = prompt_tokens(dir, &m, opts.long_context.max(PREFILL_PROMPT))?;
+    let context = (opts.long_context + opts.tokens + 1).min(m.max_context);
+    if opts.long_context + opts.tokens + 1 > m.max_context {
+        return Err(format!("long context {} + {} tokens exceeds max_context {}", opts.long_context, opts.tokens, m.max_context));
+    }
+    let mut dec = ServingDecoder::open(dir, &session, 1, context).map_err(|e| e.to_string())?;
+    let err = |e: crate::runtime::RuntimeError| e.to_string();
+
+    // Warm-up: the first runs allocate ONNX Runtime's buffers.
+    dec.extend(0, 0, &tokens[..SHORT_PROMPT], 1).map_err(err)?;
+    greedy_steps(&mut dec, SHORT_PROMPT, 4)?;
+
+    let t = Instant::now();
+    dec.extend(0, 0, &tokens[..TTFT_PROMPT], 1).map_err(err)?;
+    let ttft_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    dec.extend(0, 0, &tokens[..PREFILL_PROMPT], 1).map_err(err)?;
+    let prefill_tokens_per_s = PREFILL_PROMPT as f64 / t.elapsed().as_secs_f64();
+
+    dec.extend(0, 0, &tokens[..SHORT_PROMPT], 1).map_err(err)?;
+    let decode_tokens_per_s = opts.tokens as f64 / greedy_steps(&mut dec, SHORT_PROMPT, opts.tokens)?.as_secs_f64();
+    dec.extend(0, 0, &tokens[..opts.long_context], 1).map_err(err)?;
+    let decode_long_tokens_per_s =
+        opts.tokens as f64 / greedy_steps(&mut dec, opts.long_context, opts.tokens)?.as_secs_f64();
+    let peak_rss_bytes = peak_rss();
+    drop(dec);
+
+    let max_streams = opts.streams.iter().copied().max().unwrap_or(1).max(1);
+    let tokenizer = artifact_tokenizer(dir, &m).map_err(|e| e.to_string())?;
+    let stream_context = SHORT_PROMPT + opts.tokens + 1;
+    let d = dir.to_path_buf();
+    let engine = Engine::start(
+        move || ServingDecoder::open(&d, &session, max_streams, stream_context),
+        tokenizer,
+        EngineOptions { queue_capacity: max_streams },
+    )
+    .map_err(|e| e.to_string())?;
+    let mut streams = Vec::new();
+    for &n in &opts.streams {
+        let t = Instant::now();
+        let running: Vec<_> = (0..n)
+            .map(|i| {
+                let prompt = tokens[i..i + SHORT_PROMPT].to_vec();
+                let r = Request {
+                    prompt: Prompt::Tokens(prompt),
+                    max_new_tokens: opts.tokens,
+                    ignore_eos: true,
+                    ..Default::default()
+                };
+                engine.submit(r).map_err(|e| e.to_string())
+            })
+            .collect::<Result<_, _>>()?;
+        let mut generated = 0;
+        for g in running {
+            generated += g.collect().map_err(|e| e.to_string())?.token_ids.len();
+        }
+        streams.push((n, generated as f64 / t.elapsed().as_secs_f64()));
+    }
+    Ok(BenchRow {
+        name: m.name.clone(),
+        weight_bytes,
+        peak_rss_bytes,
+        ttft_s,
+        prefill_tokens_per_s,
+        decode_tokens_per_s,
+        decode_long_tokens_per_s,
+        long_context: opts.long_context,
+        streams,
+    })
+}
+
+/// `n` token ids of a fixed English text, for prompts.
+fn prompt_tokens(dir: &Path, m: &Manifest, n: usize) -> Result<Vec<u32>, BenchError> {
+    let tok = artifact_tokenizer(dir, m).map_err(|e| e.to_string())?;
+    let sentence = "The old lighthouse keeper climbed the spiral stairs each evening, counting the steps, \
+                    listening to the sea, and writing down the names of the ships that passed. ";
+    let ids = tok.encode(&sentence.repeat(n / 8 + 1)).map_err(|e| e.to_string())?;
+    if ids.len() < n + 16 {
+        return Err(format!("the bench text gives {} tokens, {} needed", ids.len(), n + 16));
+    }
+    Ok(ids)
+}
+
+/// Runs `steps` greedy decode steps on slot 0 after `past` cached positions; returns the time.
+fn greedy_steps(dec: &mut ServingDecoder, past: usize, steps: usize) -> Result<Duration, BenchError> {
+    let mut token = 0u32;
+    let t = Instant::now();
+    for i in 0..steps {
+        let logits = dec.step(&[(token, past + i)]).map_err(|e| e.to_string())?;
+        let row = logits.row(0);
+        token = crate::engine::sampling::argmax(row.as_slice().expect("contiguous row"));
+    }
+    Ok(t.elapsed())
+}
+
+/// Peak resident memory of this process (VmHWM), bytes; 0 where /proc is missing.
+pub fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// The comparison table.
+pub fn render(rows: &[BenchRow]) -> String {
+    let mut out = String::new();
+    let streams: Vec<usize> = rows.first().map(|r| r.streams.iter().map(|s| s.0).collect()).unwrap_or_default();
+    let long = rows.first().map_or(0, |r| r.long_context);
+    out.push_str(&format!(
+        "{:<22} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>6}",
+        "artifact", "weights", "peak RSS", "TTFT", "prefill", "decode", format!("@{long}"), "ratio"
+    ));
+    for n in &streams {
+        out.push_str(&format!(" {:>9}", format!("{n} str")));
+    }
+    out.push('\n');
+    out.push_str(&format!(
+        "{:<22} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>6}",
+        "", "MB", "MB", "ms", "tok/s", "tok/s", "tok/s", ""
+    ));
+    for _ in &streams {
+        out.push_str(&format!(" {:>9}", "tok/s"));
+    }
+    out.push('\n');
+    for r in rows {
+        out.push_str(&format!(
+            "{:<22} {:>9.1} {:>9.0} {:>9.1} {:>10.0} {:>9.1} {:>9.1} {:>6.2}",
+            r.name,
+            r.weight_bytes as f64 / 1e6,
+            r.peak_rss_bytes as f64 / 1e6,
+            r.ttft_s * 1e3,
+            r.prefill_tokens_per_s,
+            r.decode_tokens_per_s,
+            r.decode_long_tokens_per_s,
+            r.decode_long_tokens_per_s / r.decode_tokens_per_s
+        ));
+        for (_, tps) in &r.streams {
+            out.push_str(&format!(" {tps:>9.1}"));
+        }
+        out.push('\n');
+    }
+    out
+}

@@ -1,0 +1,169 @@
+//! The engine over the real model: ONNX Runtime's serving graph reproduces transformers'
+//! greedy continuations, batching changes nothing a request sees, and text streams as valid
+//! UTF-8 through the model's own tokenizer and chat template.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use kiln::engine::chat::Message;
+use kiln::engine::text::Detokenizer;
+use kiln::engine::{artifact_tokenizer, Engine, EngineOptions, FinishReason, Output, Prompt, Request};
+use kiln::onnx::manifest::Manifest;
+use kiln::runtime::{ServingDecoder, SessionOptions};
+
+fn reference_prompts() -> Vec<(String, Vec<u32>, Vec<u32>)> {
+    let v: serde_json::Value =
+        serde_json::from_str(include_str!("data/smollm2-135m.reference.json")).expect("reference JSON");
+    let ids = |p: &serde_json::Value, k: &str| -> Vec<u32> {
+        p[k].as_array().expect("ids").iter().map(|i| i.as_u64().expect("id") as u32).collect()
+    };
+    v["prompts"]
+        .as_array()
+        .expect("prompts")
+        .iter()
+        .map(|p| (p["prompt"].as_str().expect("prompt").to_string(), ids(p, "ids"), ids(p, "greedy_48")))
+        .collect()
+}
+
+fn engine(dir: &Path, slots: usize, context: usize) -> Engine {
+    let m = Manifest::read(dir).expect("manifest");
+    let tokenizer = artifact_tokenizer(dir, &m).expect("tokenizer");
+    let dir = dir.to_path_buf();
+    let open = move || ServingDecoder::open(&dir, &SessionOptions::default(), slots, context);
+    Engine::start(open, tokenizer, EngineOptions::default()).expect("engine")
+}
+
+#[test]
+fn greedy_generation_through_onnx_runtime_reproduces_transformers() {
+    let e = engine(&common::artifact("fp32"), 1, 256);
+    for (prompt, ids, greedy_48) in reference_prompts() {
+        let request = Request { prompt: Prompt::Tokens(ids), max_new_tokens: 48, ..Default::default() };
+        let out = e.submit(request).expect("submit").collect().expect("output");
+        let summary = out.summary.expect("summary");
+        let mut tokens = out.token_ids;
+        if summary.finish_reason == FinishReason::Eos {
+            tokens.push(e.tokenizer().eos_ids[0]);
+        }
+        assert_eq!(tokens, greedy_48, "greedy continuation of {prompt:?}");
+        assert_eq!(out.text, e.tokenizer().decode(&tokens).expect("decode"), "streamed text of {prompt:?}");
+    }
+}
+
+/// Six requests of different lengths and settings, each with the 5 most likely tokens'
+/// log-probabilities at every step.
+fn mixed_requests() -> Vec<Request> {
+    let prompts = reference_prompts();
+    let base = |i: usize, n: usize| Request {
+        prompt: Prompt::Tokens(prompts[i % prompts.len()].1.clone()),
+        max_new_tokens: n,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let mut r: Vec<Request> = vec![base(0, 24), base(1, 12), base(2, 30), base(3, 8), base(1, 20), base(0, 16)];
+    r[1].sampling.temperature = 0.8;
+    r[1].sampling.seed = Some(7);
+    r[3].sampling.temperature = 1.0;
+    r[3].sampling.top_p = 0.9;
+    r[3].sampling.seed = Some(1234);
+    r[4].sampling.temperature = 0.7;
+    r[4].sampling.top_k = 20;
+    r[4].sampling.repetition_penalty = 1.2;
+    r[4].sampling.seed = Some(99);
+    r[5].prompt = Prompt::Text("The three primary colors are".into());
+    for req in &mut r {
+        req.sampling.top_logprobs = 5;
+    }
+    r
+}
+
+/// Tokens and per-step top-5 log-probabilities of a generation.
+fn run(e: &Engine, r: Request) -> (Vec<u32>, Vec<Vec<(u32, f32)>>) {
+    let g = e.submit(r).expect("submit");
+    let mut tokens = Vec::new();
+    let mut top = Vec::new();
+    for event in g.events {
+        match event {
+            kiln::engine::Event::Token(c) => {
+                tokens.push(c.id);
+                top.push(c.top);
+            }
+            kiln::engine::Event::Finished(_) => break,
+            kiln::engine::Event::Failed(err) => panic!("{err}"),
+            kiln::engine::Event::Text(_) => {}
+        }
+    }
+    (tokens, top)
+}
+
+#[test]
+fn batching_is_invisible_on_the_real_model() {
+    let dir = common::artifact("int4");
+    let alone: Vec<_> = {
+        let e = engine(&dir, 1, 256);
+        mixed_requests().into_iter().map(|r| run(&e, r)).collect()
+    };
+    // Four slots for six requests submitted at staggered times: they join a running batch,
+    // wait for a slot, and move slots when others finish.
+    let e = std::sync::Arc::new(engine(&dir, 4, 256));
+    let handles: Vec<_> = mixed_requests()
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let e = e.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(40 * i as u64));
+                run(&e, r)
+            })
+        })
+        .collect();
+    for (i, (h, (want_tokens, want_top))) in handles.into_iter().zip(&alone).enumerate() {
+        let (tokens, top) = h.join().expect("request thread");
+        assert_eq!(&tokens, want_tokens, "request {i}: tokens");
+        for (step, (a, b)) in top.iter().zip(want_top).enumerate() {
+            for ((ia, la), (ib, lb)) in a.iter().zip(b) {
+                assert_eq!(ia, ib, "request {i}, step {step}: top tokens");
+                assert!((la - lb).abs() <= 1e-4, "request {i}, step {step}: log-probability {la} vs {lb}");
+            }
+        }
+    }
+}
+
+#[test]
+fn emoji_and_cjk_stream_as_valid_utf8() {
+    let dir = common::artifact("fp32");
+    let m = Manifest::read(&dir).expect("manifest");
+    let tok = artifact_tokenizer(&dir, &m).expect("tokenizer");
+    let text = "Tea 🍵 and 寿司 🍣 in 東京, naïve café — 👩‍👩‍👧 done.";
+    let ids = tok.encode(text).expect("encode");
+    let mut d = Detokenizer::default();
+    let mut deltas = Vec::new();
+    for &id in &ids {
+        deltas.push(d.push(&tok, id).expect("push"));
+    }
+    deltas.push(d.finish(&tok).expect("finish"));
+    assert!(deltas.iter().all(|t| !t.contains('\u{FFFD}')), "no replacement characters: {deltas:?}");
+    assert!(deltas.iter().any(|t| t.is_empty()), "some byte-level pieces waited for the rest of their character");
+    assert_eq!(deltas.concat(), text);
+    assert_eq!(deltas.concat(), tok.decode(&ids).expect("decode"));
+}
+
+#[test]
+fn chat_prompts_use_the_model_template() {
+    let dir = common::artifact("fp32");
+    let e = engine(&dir, 1, 256);
+    let messages = vec![Message { role: "user".into(), content: "What is 2+2?".into() }];
+    let ids = e.prompt_ids(&Prompt::Chat(messages)).expect("chat prompt");
+    let want = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
+                <|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n";
+    assert_eq!(ids, e.tokenizer().encode(want).expect("encode"));
+    let im_start = e.tokenizer().inner().token_to_id("<|im_start|>").expect("special token");
+    assert_eq!(ids[0], im_start, "special tokens in the template are single tokens");
+    let out: Output = e
+        .submit(Request { prompt: Prompt::Tokens(ids), max_new_tokens: 16, ..Default::default() })
+        .expect("submit")
+        .collect()
+        .expect("output");
+    assert!(out.text.contains('4'), "the model answers: {:?}", out.text);
+}
