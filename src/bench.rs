@@ -64,7 +64,10 @@ pub fn bench_artifact(dir: &Path, opts: &BenchOptions) -> Result<BenchRow, Bench
     let tokens = prompt_tokens(dir, &m, opts.long_context.max(PREFILL_PROMPT))?;
     let context = (opts.long_context + opts.tokens + 1).min(m.max_context);
     if opts.long_context + opts.tokens + 1 > m.max_context {
-        return Err(format!("long context {} + {} tokens exceeds max_context {}", opts.long_context, opts.tokens, m.max_context));
+        return Err(format!(
+            "long context {} + {} tokens exceeds max_context {}",
+            opts.long_context, opts.tokens, m.max_context
+        ));
     }
     let mut dec = ServingDecoder::open(dir, &session, 1, context).map_err(|e| e.to_string())?;
     let err = |e: crate::runtime::RuntimeError| e.to_string();
@@ -173,7 +176,14 @@ pub fn render(rows: &[BenchRow]) -> String {
     let long = rows.first().map_or(0, |r| r.long_context);
     out.push_str(&format!(
         "{:<22} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>6}",
-        "artifact", "weights", "peak RSS", "TTFT", "prefill", "decode", format!("@{long}"), "ratio"
+        "artifact",
+        "weights",
+        "peak RSS",
+        "TTFT",
+        "prefill",
+        "decode",
+        format!("@{long}"),
+        "ratio"
     ));
     for n in &streams {
         out.push_str(&format!(" {:>9}", format!("{n} str")));

@@ -8,7 +8,7 @@ use super::tract::TractDecoder;
 use super::CheckError;
 use crate::model::reference::argmax;
 use crate::onnx::manifest::Manifest;
-use crate::runtime::{KvTensors, OrtDecoder, StepInput, StepOutput};
+use crate::runtime::{Forward, KvTensors, OrtDecoder, StepInput, StepOutput};
 
 /// Something that runs an artifact's decoder graph.
 pub trait Runner {
@@ -145,6 +145,107 @@ pub fn compare(
         }
     }
     Ok(Parity { batch, steps })
+}
+
+/// The serving graph against the portable one: each prompt alone through `portable`
+/// (greedy, batch 1), and all of them at once through `serving`, one slot each, fed the
+/// same tokens; compares every position of the prefill and every decode step.
+pub fn compare_serving(
+    m: &Manifest,
+    portable: &mut dyn Runner,
+    serving: &mut dyn Forward,
+    prompts: &[Vec<u32>],
+    decode_steps: usize,
+) -> Result<Parity, CheckError> {
+    let run = |e: crate::runtime::RuntimeError| CheckError::Run(e.to_string());
+    if prompts.is_empty() || prompts.len() > serving.slots() || prompts.iter().any(Vec::is_empty) {
+        return Err(CheckError::Run(format!("{} prompts for {} serving slots", prompts.len(), serving.slots())));
+    }
+    // Per prompt: logits of each step from the portable graph, and the tokens it chose.
+    let mut want: Vec<Vec<Array2<f32>>> = Vec::new();
+    let mut chosen: Vec<Vec<u32>> = Vec::new();
+    for p in prompts {
+        let c = &m.config;
+        let empty = (
+            ndarray::Array4::zeros((1, c.num_kv_heads, 0, c.head_dim)),
+            ndarray::Array4::zeros((1, c.num_kv_heads, 0, c.head_dim)),
+        );
+        let mut past: KvTensors = vec![empty; c.num_layers];
+        let mut input: Vec<i64> = p.iter().map(|&t| t as i64).collect();
+        let (mut steps, mut tokens, mut at) = (Vec::new(), Vec::new(), 0i64);
+        for _ in 0..=decode_steps {
+            let n = input.len();
+            let out = portable.step(StepInput {
+                input_ids: Array2::from_shape_vec((1, n), input.clone()).map_err(|e| CheckError::Run(e.to_string()))?,
+                attention_mask: Array2::ones((1, at as usize + n)),
+                position_ids: Array2::from_shape_fn((1, n), |(_, j)| at + j as i64),
+                past,
+            })?;
+            let logits = out.logits.slice(s![0, .., ..]).to_owned();
+            let next = argmax(logits.row(n - 1));
+            steps.push(logits);
+            tokens.push(next);
+            past = out.present;
+            at += n as i64;
+            input = vec![next as i64];
+        }
+        want.push(steps);
+        chosen.push(tokens);
+    }
+    let mut steps = Vec::with_capacity(decode_steps + 1);
+    let mut stats = vec![Accumulator::default(); decode_steps + 1];
+    for (slot, p) in prompts.iter().enumerate() {
+        let got = serving.extend(slot, 0, p, p.len()).map_err(run)?;
+        stats[0].add(got.view(), want[slot][0].view());
+    }
+    for step in 1..=decode_steps {
+        let rows: Vec<(u32, usize)> =
+            prompts.iter().enumerate().map(|(slot, p)| (chosen[slot][step - 1], p.len() + step - 1)).collect();
+        let got = serving.step(&rows).map_err(run)?;
+        for slot in 0..prompts.len() {
+            stats[step].add(got.slice(s![slot..slot + 1, ..]), want[slot][step].view());
+        }
+    }
+    for (step, a) in stats.into_iter().enumerate() {
+        steps.push(a.finish(step));
+    }
+    Ok(Parity { batch: prompts.len(), steps })
+}
+
+/// Row statistics summed over one step.
+#[derive(Debug, Clone, Default)]
+struct Accumulator {
+    stats: Option<StepStats>,
+    agree: usize,
+}
+
+impl Accumulator {
+    fn add(&mut self, got: ndarray::ArrayView2<f32>, want: ndarray::ArrayView2<f32>) {
+        let s = self.stats.get_or_insert(StepStats {
+            step: 0,
+            max_abs: 0.0,
+            max_rel: 0.0,
+            top1: 0.0,
+            rows: 0,
+            max_kl: 0.0,
+        });
+        for (x, y) in got.rows().into_iter().zip(want.rows()) {
+            let (abs, rel, kl) = row_stats(x, y);
+            s.max_abs = s.max_abs.max(abs);
+            s.max_rel = s.max_rel.max(rel);
+            s.max_kl = s.max_kl.max(kl);
+            self.agree += usize::from(argmax(x) == argmax(y));
+            s.rows += 1;
+        }
+    }
+
+    fn finish(self, step: usize) -> StepStats {
+        let mut s =
+            self.stats.unwrap_or(StepStats { step, max_abs: 0.0, max_rel: 0.0, top1: 1.0, rows: 0, max_kl: 0.0 });
+        s.step = step;
+        s.top1 = self.agree as f64 / s.rows.max(1) as f64;
+        s
+    }
 }
 
 /// (max |a − b|, that over max |b|, KL(softmax a ‖ softmax b)).

@@ -16,7 +16,7 @@ use crate::model::cache_dir;
 use crate::onnx::manifest::Manifest;
 use crate::onnx::recipe::CheckThresholds;
 use crate::quant::{Method, Precision};
-use crate::runtime::{OrtDecoder, Provider, SessionOptions, ShapeRange, TensorRtOptions};
+use crate::runtime::{OrtDecoder, Provider, ServingDecoder, SessionOptions, ShapeRange, TensorRtOptions};
 
 /// How parity is judged for one kind of run. All tolerances live here, with their reasons.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -209,6 +209,23 @@ pub fn check(dir: &Path, opts: &CheckOptions, progress: &mut dyn FnMut(&str)) ->
         let p = parity::compare(m, &mut tract, &mut ort, &batch, opts.decode_steps)?;
         report.parity.push(row(
             format!("{label} vs tract, {what}"),
+            &p,
+            opts.decode_steps,
+            tolerance(opts.provider, exact),
+        ));
+    }
+    // The serving graph (GroupQueryAttention; not a TensorRT graph) against the portable one,
+    // three sequences in three slots of one batch.
+    if opts.provider != Provider::TensorRt {
+        progress("parity: ORT serving graph vs portable graph, 3 slots");
+        let level = if exact { Some(1) } else { None };
+        let s = SessionOptions { provider: opts.provider, matmul_accuracy_level: level, ..Default::default() };
+        let context = prompts.iter().map(Vec::len).max().unwrap_or(0) + opts.decode_steps + 1;
+        let mut serving =
+            ServingDecoder::open(dir, &s, prompts.len(), context).map_err(|e| CheckError::Run(e.to_string()))?;
+        let p = parity::compare_serving(m, &mut ort, &mut serving, &prompts, opts.decode_steps)?;
+        report.parity.push(row(
+            format!("ORT serving graph vs portable, {} slots", prompts.len()),
             &p,
             opts.decode_steps,
             tolerance(opts.provider, exact),
