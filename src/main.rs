@@ -227,6 +227,7 @@ impl SamplingArgs {
             presence_penalty: self.presence_penalty,
             frequency_penalty: self.frequency_penalty,
             seed: self.seed,
+            logprobs: false,
             top_logprobs: 0,
         }
     }

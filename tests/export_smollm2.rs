@@ -107,15 +107,13 @@ fn serving_greedy(dec: &mut ServingDecoder, slot: usize, prompt: &[u32], steps: 
     let logits = dec.extend(slot, 0, prompt, prompt.len()).expect("prefill");
     let mut rows: Vec<Array1<f32>> = logits.rows().into_iter().map(|r| r.to_owned()).collect();
     let mut tokens = vec![argmax(logits.row(prompt.len() - 1))];
-    let mut past = prompt.len();
-    for _ in 0..steps {
+    for past in prompt.len()..prompt.len() + steps {
         // Slot `slot` decodes alone when it is slot 0; otherwise every slot up to it runs.
-        let batch: Vec<(u32, usize)> =
-            (0..=slot).map(|s| if s == slot { (*tokens.last().unwrap(), past) } else { (0, 0) }).collect();
+        let last = tokens[tokens.len() - 1];
+        let batch: Vec<(u32, usize)> = (0..=slot).map(|s| if s == slot { (last, past) } else { (0, 0) }).collect();
         let out = dec.step(&batch).expect("step");
         rows.push(out.row(slot).to_owned());
         tokens.push(argmax(out.row(slot)));
-        past += 1;
     }
     (rows, tokens)
 }

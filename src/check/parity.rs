@@ -202,8 +202,8 @@ pub fn compare_serving(
         let rows: Vec<(u32, usize)> =
             prompts.iter().enumerate().map(|(slot, p)| (chosen[slot][step - 1], p.len() + step - 1)).collect();
         let got = serving.step(&rows).map_err(run)?;
-        for slot in 0..prompts.len() {
-            stats[step].add(got.slice(s![slot..slot + 1, ..]), want[slot][step].view());
+        for (slot, w) in want.iter().enumerate() {
+            stats[step].add(got.slice(s![slot..slot + 1, ..]), w[step].view());
         }
     }
     for (step, a) in stats.into_iter().enumerate() {

@@ -81,7 +81,7 @@ mod tests {
     #[test]
     fn template_errors_are_reported() {
         let t = ChatTemplate::new("{{ raise_exception('roles must alternate') }}", "", "").expect("compiles");
-        let err = t.render(&[msg("user", "x")]).unwrap_err().to_string();
+        let err = t.render(&[msg("user", "x")]).expect_err("raises").to_string();
         assert!(err.contains("roles must alternate"), "{err}");
         assert!(ChatTemplate::new("{% for %}", "", "").is_err());
         let endless = ChatTemplate::new(

@@ -350,7 +350,7 @@ impl Decoder<'_, '_> {
         let scores = g.op("MatMul", &format!("{p}/attn/scores/MatMul"), &[&q, &kt], &[]);
         let scale = g.scalar(1.0 / (c.head_dim as f32).sqrt());
         let scores = g.op("Mul", &format!("{p}/attn/scores/Mul"), &[&scores, &scale], &[]);
-        let scores = g.op("Add", &format!("{p}/attn/scores/Add"), &[&scores, &mask], &[]);
+        let scores = g.op("Add", &format!("{p}/attn/scores/Add"), &[&scores, mask], &[]);
         let probs = g.op("Softmax", &format!("{p}/attn/Softmax"), &[&scores], &[("axis", Attr::Int(-1))]);
         let ctx = g.op("MatMul", &format!("{p}/attn/context/MatMul"), &[&probs, &v5], &[]);
         let ctx = g.op(
