@@ -9,7 +9,7 @@ TOKENS ?= 48
 VENV := .venv
 KILN := target/release/kiln
 
-.PHONY: setup test demo export check test-gpu lint build
+.PHONY: setup test demo export check bench test-gpu lint build
 
 # Fetch the ONNX Runtime library, the default model and the corpus; make the Python venv
 # the tests use (onnx checker, ONNX Runtime's Python API, tokenizers).
@@ -43,9 +43,16 @@ test-gpu: export
 	$(KILN) check --skip-unavailable --ep cuda export/out/*/
 	$(KILN) check --skip-unavailable --ep tensorrt export/out/*/
 
-# Main job (for now): greedy generation on the default model with the reference backend.
+# Main job: export the default model to INT4 (skipped when up to date) and stream a greedy
+# generation from it through ONNX Runtime's serving graph.
 demo: setup build
-	$(KILN) generate --backend reference --prompt "$(PROMPT)" -n $(TOKENS)
+	$(KILN) export export/int4.toml
+	$(KILN) generate export/out/int4 --prompt "$(PROMPT)" -n $(TOKENS)
+
+# The precision comparison: size, memory, TTFT, prefill, decode at short and 1024 context,
+# aggregate throughput of 1/4/8/16 streams.
+bench: export
+	$(KILN) bench export/out/fp32 export/out/int8 export/out/int4 export/out/int4-g64-sym
 
 lint:
 	$(CARGO) fmt --check

@@ -6,7 +6,7 @@
 mod common;
 
 use kiln::model::reference::{argmax, logsumexp, Logits, Reference};
-use kiln::model::tokenizer::TextStream;
+use kiln::engine::text::Detokenizer;
 use serde::Deserialize;
 
 /// Logits agree with transformers' fp32 to this absolute tolerance: both are f32 with
@@ -89,14 +89,13 @@ fn greedy_continuations_match_transformers() {
     let reference = Reference::new(model);
     for case in reference_prompts() {
         let mut streamed = String::new();
-        let mut stream = TextStream::default();
+        let mut stream = Detokenizer::default();
         let out = reference
             .greedy(&case.ids, 48, &model.tokenizer.eos_ids, |id| {
-                if let Some(delta) = stream.step(&model.tokenizer, id).expect("detokenizes") {
-                    streamed.push_str(&delta);
-                }
+                streamed.push_str(&stream.push(&model.tokenizer, id).expect("detokenizes"));
             })
             .expect("generates");
+        streamed.push_str(&stream.finish(&model.tokenizer).expect("detokenizes"));
         assert_eq!(out, case.greedy_48, "greedy continuation of {:?}", case.prompt);
         assert_eq!(streamed, model.tokenizer.decode(&out).expect("decodes"), "streamed text of {:?}", case.prompt);
     }

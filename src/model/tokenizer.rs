@@ -359,31 +359,6 @@ fn sentencepiece_bpe(tokens: &[&str], scores: &[f32], types: &[i64], unk: Option
     }
 }
 
-/// Incremental detokenization state for one sequence: feed ids one at a time, get text
-/// deltas that never split a UTF-8 character (a delta is held back while the text ends
-/// in an incomplete byte sequence). The deltas concatenate to the decoded whole.
-#[derive(Debug, Default, Clone)]
-pub struct TextStream {
-    ids: Vec<u32>,
-    prefix: String,
-    prefix_index: usize,
-}
-
-impl TextStream {
-    /// The text `id` adds, if any can be shown yet.
-    pub fn step(&mut self, tokenizer: &ModelTokenizer, id: u32) -> Result<Option<String>, TokenizerError> {
-        tokenizers::step_decode_stream(
-            tokenizer.inner(),
-            vec![id],
-            true,
-            &mut self.ids,
-            &mut self.prefix,
-            &mut self.prefix_index,
-        )
-        .map_err(|e| TokenizerError { reason: e.to_string() })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
