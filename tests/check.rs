@@ -52,7 +52,7 @@ fn int4_copy(tmp: &Path) -> PathBuf {
     let src = common::artifact("int4");
     let dst = tmp.join("int4");
     std::fs::create_dir_all(&dst).expect("mkdir");
-    for f in ["model.onnx", "model.onnx.data", "tokenizer.json", "kiln.json"] {
+    for f in ["model.onnx", "serving.onnx", "model.onnx.data", "tokenizer.json", "kiln.json"] {
         std::fs::copy(src.join(f), dst.join(f)).expect("copy");
     }
     dst

@@ -145,7 +145,7 @@ fn same_recipe_same_bytes() {
                  [[quant.override]]\nmatch = \"model.embed_tokens.weight\"\nprecision = \"int8\"";
     let r = recipe(tmp.path(), &src, quant);
     let a = export(&r);
-    let first: Vec<Vec<u8>> = ["model.onnx", "model.onnx.data", "kiln.json"]
+    let first: Vec<Vec<u8>> = ["model.onnx", "serving.onnx", "model.onnx.data", "kiln.json"]
         .iter()
         .map(|f| std::fs::read(a.join(f)).expect("read"))
         .collect();
@@ -153,7 +153,7 @@ fn same_recipe_same_bytes() {
     let ExportOutcome::Built { dir: b, .. } = export_recipe(&r, &opts, &mut Quiet).expect("exports") else {
         panic!("forced export must build")
     };
-    for (f, bytes) in ["model.onnx", "model.onnx.data", "kiln.json"].iter().zip(&first) {
+    for (f, bytes) in ["model.onnx", "serving.onnx", "model.onnx.data", "kiln.json"].iter().zip(&first) {
         assert_eq!(&std::fs::read(b.join(f)).expect("read"), bytes, "{f} differs between two exports");
     }
     // Unchanged inputs: the second plain export is skipped.

@@ -5,8 +5,8 @@
 
 mod common;
 
-use kiln::model::reference::{argmax, logsumexp, Logits, Reference};
 use kiln::engine::text::Detokenizer;
+use kiln::model::reference::{argmax, logsumexp, Logits, Reference};
 use serde::Deserialize;
 
 /// Logits agree with transformers' fp32 to this absolute tolerance: both are f32 with

@@ -145,7 +145,7 @@ pub fn export(
         }
         Method::Awq => {
             let windows = calibration()?;
-            let w = awq_model(
+            let (w, q) = awq_model(
                 &config,
                 &model.weights,
                 &windows,
@@ -154,7 +154,7 @@ pub fn export(
                 &mut on_layer,
             )
             .map_err(|e| calibrated("AWQ", e))?;
-            (Some(w), HashMap::new())
+            (Some(w), q)
         }
     };
     let weights = weights.as_ref().unwrap_or(&model.weights);

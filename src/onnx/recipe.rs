@@ -17,7 +17,7 @@
 //! clip_search = false
 //!
 //! # method = "gptq" also reads [quant.gptq] (damp = 0.01, block = 128, act_order = false),
-//! # method = "awq" reads [quant.awq] (grid = 20, samples = 512); both read
+//! # method = "awq" reads [quant.awq] (grid = 20, samples = 512, clip = true); both read
 //! # [quant.calibration] (windows = 32, window = 512, corpus = <the fetched plays>,
 //! # exclude = ["hamlet_gut.txt"]).
 //!

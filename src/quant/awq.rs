@@ -9,15 +9,19 @@
 //! post-attention RMSNorm weight; down_proj ← rows of up_proj; o_proj ← rows of v_proj only
 //! when every query head has its own value head (GQA shares value heads, so it is skipped);
 //! lm_head ← the final RMSNorm weight.
+//!
+//! Then every projection but q and k (and the lm_head) is quantized with its clipping range
+//! per group chosen by the output error on the sampled inputs, ‖(W − Ŵ)·xᵀ‖², not by the
+//! weight error (AWQ's clipping search; q and k feed a softmax that reshapes their errors).
 
 use std::collections::HashMap;
 
 use ndarray::{s, Array1, Array2, ArrayView2, Axis};
 use rayon::prelude::*;
 
-use super::{quantize, Scheme};
+use super::{quantize, quantize_for_inputs, Quantized, Scheme};
 use crate::model::reference::{Reference, Site};
-use crate::model::{LayerWeights, ModelConfig, Weights};
+use crate::model::{LayerWeights, Linear, ModelConfig, Weights};
 
 /// AWQ settings.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -27,11 +31,14 @@ pub struct AwqOptions {
     pub grid: usize,
     /// Calibration tokens (rows) used to score each α.
     pub samples: usize,
+    /// After scaling, choose each group's clipping range by the output error on the sampled
+    /// inputs (every projection but q and k, whose errors the softmax reshapes).
+    pub clip: bool,
 }
 
 impl Default for AwqOptions {
     fn default() -> Self {
-        AwqOptions { grid: 20, samples: 512 }
+        AwqOptions { grid: 20, samples: 512, clip: true }
     }
 }
 
@@ -79,7 +86,7 @@ fn scale_columns(w: &mut Array2<f32>, s: &Array1<f32>) {
 }
 
 /// Divides the output rows of `w` (and its bias) by `s`.
-fn unscale_rows(w: &mut crate::model::Linear, s: &Array1<f32>) {
+fn unscale_rows(w: &mut Linear, s: &Array1<f32>) {
     for (mut row, &v) in w.weight.axis_iter_mut(Axis(0)).zip(s) {
         row /= v;
     }
@@ -115,8 +122,24 @@ pub fn fold(l: &mut LayerWeights, site: Site, s: &Array1<f32>) {
     }
 }
 
-/// Runs AWQ over every layer: returns weights with scales folded in (the same float model),
-/// ready for round-to-nearest with the recipe's schemes. `on_layer(i, n)` reports progress.
+/// The projections that read `site`'s input, with their Hugging Face names within the layer.
+fn site_linears(l: &LayerWeights, site: Site) -> Vec<(&'static str, &Linear)> {
+    match site {
+        Site::Attention => {
+            vec![("self_attn.q_proj", &l.q_proj), ("self_attn.k_proj", &l.k_proj), ("self_attn.v_proj", &l.v_proj)]
+        }
+        Site::Output => vec![("self_attn.o_proj", &l.o_proj)],
+        Site::Mlp => vec![("mlp.gate_proj", &l.gate_proj), ("mlp.up_proj", &l.up_proj)],
+        Site::Down => vec![("mlp.down_proj", &l.down_proj)],
+    }
+}
+
+/// Weights with AWQ's scales folded in, and the quantized matrices by Hugging Face name.
+pub type AwqResult = (Weights, HashMap<String, Quantized>);
+
+/// Runs AWQ over every layer: returns weights with scales folded in (the same float model)
+/// and every projection and the lm_head quantized with the recipe's schemes, clipped by
+/// output error when `opts.clip`. `on_layer(i, n)` reports progress.
 ///
 /// Folding preserves the float function, so one float pass per layer both collects every
 /// site's inputs (mean |x| over all tokens, and a sample of rows) and produces the next
@@ -128,8 +151,17 @@ pub fn awq_model(
     scheme_for: &dyn Fn(&str) -> Scheme,
     opts: &AwqOptions,
     on_layer: &mut dyn FnMut(usize, usize),
-) -> Result<Weights, String> {
+) -> Result<AwqResult, String> {
     let mut current = weights.clone();
+    let mut quantized = HashMap::new();
+    let quantize_clipped = |name: &str, w: &Array2<f32>, x: ArrayView2<f32>, clip: bool| {
+        let scheme = scheme_for(name);
+        if clip && opts.clip {
+            quantize_for_inputs(w.view(), &scheme, x)
+        } else {
+            quantize(w.view(), &scheme)
+        }
+    };
     let mut hidden: Vec<Array2<f32>> = {
         let r = Reference::from_parts(config, &current);
         windows.iter().map(|w| r.embed(w).map_err(|e| e.to_string())).collect::<Result<_, _>>()?
@@ -163,23 +195,14 @@ pub fn awq_model(
             }
         }
         let p = format!("model.layers.{i}");
+        // Each site's sampled inputs as the scaled projections see them (x / s).
+        let mut scaled = Vec::new();
         for &site in &sites {
             let st = stats.get(&site).ok_or_else(|| format!("layer {i}: no inputs seen at {site:?}"))?;
-            let l = &current.layers[i];
-            let names: &[&str] = match site {
-                Site::Attention => &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-                Site::Output => &["self_attn.o_proj"],
-                Site::Mlp => &["mlp.gate_proj", "mlp.up_proj"],
-                Site::Down => &["mlp.down_proj"],
-            };
-            let linears = match site {
-                Site::Attention => vec![&l.q_proj, &l.k_proj, &l.v_proj],
-                Site::Output => vec![&l.o_proj],
-                Site::Mlp => vec![&l.gate_proj, &l.up_proj],
-                Site::Down => vec![&l.down_proj],
-            };
-            let group: Vec<(&Array2<f32>, Scheme)> =
-                names.iter().zip(linears).map(|(n, w)| (&w.weight, scheme_for(&format!("{p}.{n}.weight")))).collect();
+            let group: Vec<(&Array2<f32>, Scheme)> = site_linears(&current.layers[i], site)
+                .into_iter()
+                .map(|(n, w)| (&w.weight, scheme_for(&format!("{p}.{n}.weight"))))
+                .collect();
             if group.iter().all(|(_, s)| s.precision.bits().is_none()) {
                 continue;
             }
@@ -188,6 +211,18 @@ pub fn awq_model(
             let mean = st.sum.mapv(|v| (v / st.rows.max(1) as f64) as f32);
             let s = search_scales(sample.view(), &mean, &group, opts.grid);
             fold(&mut current.layers[i], site, &s);
+            scaled.push((site, sample / &s));
+        }
+        // Quantized only now: a later site's fold rescales rows of an earlier site's matrix
+        // (down_proj's scales divide up_proj's rows).
+        for (site, x) in &scaled {
+            for (n, w) in site_linears(&current.layers[i], *site) {
+                let name = format!("{p}.{n}.weight");
+                let clip = !matches!(n, "self_attn.q_proj" | "self_attn.k_proj");
+                if let Some(q) = quantize_clipped(&name, &w.weight, x.view(), clip) {
+                    quantized.insert(name, q);
+                }
+            }
         }
         on_layer(i + 1, config.num_layers);
     }
@@ -205,9 +240,13 @@ pub fn awq_model(
         let head = current.lm_head().clone();
         let s = search_scales(sample.view(), &mean, &[(&head, scheme)], opts.grid);
         current.norm /= &s;
-        current.lm_head = Some(head * &s);
+        let head = head * &s;
+        if let Some(q) = quantize_clipped("lm_head.weight", &head, (sample / &s).view(), true) {
+            quantized.insert("lm_head.weight".to_string(), q);
+        }
+        current.lm_head = Some(head);
     }
-    Ok(current)
+    Ok((current, quantized))
 }
 
 /// Statistics of one site's inputs: Σ|x| per channel, rows seen, and sampled rows.

@@ -19,7 +19,7 @@ pub mod study;
 use ndarray::{Array2, ArrayView2};
 use serde::{Deserialize, Serialize};
 
-pub use rtn::quantize;
+pub use rtn::{quantize, quantize_for_inputs};
 
 /// The algorithm that chooses the integer codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

@@ -1,7 +1,7 @@
 //! Round-to-nearest quantization, with an optional per-group search for the clipping range
 //! that minimizes the squared reconstruction error.
 
-use ndarray::{Array2, ArrayView2};
+use ndarray::{s, Array2, ArrayView2};
 use rayon::prelude::*;
 
 use super::{Layout, Quantized, Scheme};
@@ -17,6 +17,39 @@ const CLIP_MIN_RATIO: f32 = 0.5;
 /// zero point, so zero stays exactly representable. Rounding is half-to-even, as ONNX
 /// QuantizeLinear rounds.
 pub fn quantize(w: ArrayView2<f32>, scheme: &Scheme) -> Option<Quantized> {
+    quantize_groups(w, scheme, &|_, values, out, p| p.quantize_group(values, out))
+}
+
+/// Quantizes `w` `[out, in]` like [`quantize`], but chooses each group's clipping range by
+/// the error it causes in the layer's outputs for inputs `x` `[tokens, in]`, not in the
+/// weights: for the rounding differences d of a group over input columns c,
+/// ‖d·x_cᵀ‖² = dᵀ(x_cᵀx_c)d (the clipping search of AWQ). Blocked layouts only; the others
+/// are quantized by [`quantize`].
+pub fn quantize_for_inputs(w: ArrayView2<f32>, scheme: &Scheme, x: ArrayView2<f32>) -> Option<Quantized> {
+    let cols = w.ncols();
+    if scheme.layout != Layout::Blocked || x.ncols() != cols {
+        return quantize(w, scheme);
+    }
+    let block = scheme.block_size.min(cols).max(1);
+    let grams: Vec<Array2<f32>> = (0..cols.div_ceil(block))
+        .map(|g| {
+            let xg = x.slice(s![.., g * block..((g + 1) * block).min(cols)]);
+            xg.t().dot(&xg)
+        })
+        .collect();
+    let output_error = |g: usize, d: &[f32]| -> f32 {
+        let gram = &grams[g];
+        d.iter().enumerate().map(|(a, &da)| da * gram.row(a).iter().zip(d).map(|(&v, &db)| v * db).sum::<f32>()).sum()
+    };
+    quantize_groups(w, scheme, &|g, values, out, p| p.quantize_group_by(values, out, true, &|d| output_error(g, d)))
+}
+
+/// Quantizes one group: (index of the group within its row, values, codes out, parameters)
+/// → (scale, zero point).
+type GroupFn<'a> = dyn Fn(usize, &[f32], &mut [u8], &GroupParams) -> (f32, u8) + Sync + 'a;
+
+/// Splits `w` into the scheme's groups and quantizes each with `quantize_group`.
+fn quantize_groups(w: ArrayView2<f32>, scheme: &Scheme, quantize_group: &GroupFn<'_>) -> Option<Quantized> {
     let bits = scheme.precision.bits()?;
     let (rows, cols) = w.dim();
     let group = match scheme.layout {
@@ -32,14 +65,18 @@ pub fn quantize(w: ArrayView2<f32>, scheme: &Scheme) -> Option<Quantized> {
     let data: Vec<f32> = w.iter().copied().collect();
     let mut codes = vec![0u8; rows * cols];
     let (scales, zero_points): (Vec<f32>, Vec<u8>) = if scheme.layout == Layout::PerTensor {
-        let (s, z) = params.quantize_group(&data, &mut codes);
+        let (s, z) = quantize_group(0, &data, &mut codes, &params);
         (vec![s], vec![z])
     } else {
         let per_row: Vec<Vec<(f32, u8)>> = data
             .par_chunks(cols.max(1))
             .zip(codes.par_chunks_mut(cols.max(1)))
             .map(|(row, out)| {
-                row.chunks(group).zip(out.chunks_mut(group)).map(|(g, o)| params.quantize_group(g, o)).collect()
+                row.chunks(group)
+                    .zip(out.chunks_mut(group))
+                    .enumerate()
+                    .map(|(i, (g, o))| quantize_group(i, g, o, &params))
+                    .collect()
             })
             .collect();
         per_row.into_iter().flatten().unzip()
@@ -69,21 +106,31 @@ pub(crate) struct GroupParams {
 impl GroupParams {
     /// Quantizes one group into `out`; returns its scale and zero point (0 when symmetric).
     pub(crate) fn quantize_group(&self, values: &[f32], out: &mut [u8]) -> (f32, u8) {
-        let ratios: Vec<f32> = if self.clip_search {
+        self.quantize_group_by(values, out, self.clip_search, &|d| d.iter().map(|x| x * x).sum())
+    }
+
+    /// As [`quantize_group`](Self::quantize_group), with the clipping ratios (all of them when
+    /// `search`, else only the full range) ranked by `error` of the rounding differences.
+    fn quantize_group_by(
+        &self,
+        values: &[f32],
+        out: &mut [u8],
+        search: bool,
+        error: &dyn Fn(&[f32]) -> f32,
+    ) -> (f32, u8) {
+        let ratios: Vec<f32> = if search {
             (0..=CLIP_STEPS).map(|k| 1.0 - (1.0 - CLIP_MIN_RATIO) * k as f32 / CLIP_STEPS as f32).collect()
         } else {
             vec![1.0]
         };
         let mut best = (f32::INFINITY, 0f32, 0u8);
+        let mut d = vec![0f32; values.len()];
         for ratio in ratios {
             let (scale, zp) = self.range(values, ratio);
-            let err: f32 = values
-                .iter()
-                .map(|&v| {
-                    let d = v - self.dequant(self.code(v, scale, zp), scale, zp);
-                    d * d
-                })
-                .sum();
+            for (di, &v) in d.iter_mut().zip(values) {
+                *di = v - self.dequant(self.code(v, scale, zp), scale, zp);
+            }
+            let err = error(&d);
             if err < best.0 {
                 best = (err, scale, zp);
             }
@@ -213,6 +260,41 @@ mod tests {
             let e1 = QuantError::between(w.view(), quantize(w.view(), &clipped).expect("q").dequantize().view());
             assert!(e1.rel_frobenius < e0.rel_frobenius, "clip search helps on outliers: {e1:?} vs {e0:?}");
         }
+    }
+
+    #[test]
+    fn clipping_for_the_inputs_lowers_the_output_error() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        let w = Array2::from_shape_fn((24, 64), |(_, c)| {
+            let v: f32 = rng.random::<f32>() * 2.0 - 1.0;
+            if c % 17 == 3 {
+                v * 6.0
+            } else {
+                v
+            }
+        });
+        // Inputs where a few channels carry most of the signal, so an error there costs more.
+        let x = Array2::from_shape_fn((200, 64), |(_, c)| {
+            let v: f32 = rng.random::<f32>() * 2.0 - 1.0;
+            if c % 9 == 0 {
+                v * 10.0
+            } else {
+                v * 0.2
+            }
+        });
+        for symmetric in [true, false] {
+            let s = Scheme { clip_search: true, ..scheme(Precision::Int4, Layout::Blocked, 32, symmetric) };
+            let y = x.dot(&w.t());
+            let out_error =
+                |q: Quantized| QuantError::between(y.view(), x.dot(&q.dequantize().t()).view()).rel_frobenius;
+            let by_weights = out_error(quantize(w.view(), &s).expect("q"));
+            let by_outputs = out_error(quantize_for_inputs(w.view(), &s, x.view()).expect("q"));
+            assert!(by_outputs < by_weights, "symmetric {symmetric}: {by_outputs} vs {by_weights}");
+        }
+        // Other layouts fall back to plain round-to-nearest.
+        let pc = scheme(Precision::Int8, Layout::PerChannel, 0, true);
+        assert_eq!(quantize_for_inputs(w.view(), &pc, x.view()), quantize(w.view(), &pc));
     }
 
     #[test]
