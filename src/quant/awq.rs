@@ -10,9 +10,10 @@
 //! when every query head has its own value head (GQA shares value heads, so it is skipped);
 //! lm_head ← the final RMSNorm weight.
 //!
-//! Then every projection but q and k (and the lm_head) is quantized with its clipping range
-//! per group chosen by the output error on the sampled inputs, ‖(W − Ŵ)·xᵀ‖², not by the
-//! weight error (AWQ's clipping search; q and k feed a softmax that reshapes their errors).
+//! Then every projection and the lm_head is quantized with its clipping range per group
+//! chosen by the output error on the sampled inputs, ‖(W − Ŵ)·xᵀ‖², not by the weight error
+//! (AWQ's clipping search; the paper leaves q and k out, but on SmolLM2 clipping them too
+//! measured better: Hamlet perplexity +17.7% over FP32 against +18.5% without).
 
 use std::collections::HashMap;
 
@@ -32,7 +33,7 @@ pub struct AwqOptions {
     /// Calibration tokens (rows) used to score each α.
     pub samples: usize,
     /// After scaling, choose each group's clipping range by the output error on the sampled
-    /// inputs (every projection but q and k, whose errors the softmax reshapes).
+    /// inputs.
     pub clip: bool,
 }
 
@@ -154,9 +155,9 @@ pub fn awq_model(
 ) -> Result<AwqResult, String> {
     let mut current = weights.clone();
     let mut quantized = HashMap::new();
-    let quantize_clipped = |name: &str, w: &Array2<f32>, x: ArrayView2<f32>, clip: bool| {
+    let quantize_clipped = |name: &str, w: &Array2<f32>, x: ArrayView2<f32>| {
         let scheme = scheme_for(name);
-        if clip && opts.clip {
+        if opts.clip {
             quantize_for_inputs(w.view(), &scheme, x)
         } else {
             quantize(w.view(), &scheme)
@@ -218,8 +219,7 @@ pub fn awq_model(
         for (site, x) in &scaled {
             for (n, w) in site_linears(&current.layers[i], *site) {
                 let name = format!("{p}.{n}.weight");
-                let clip = !matches!(n, "self_attn.q_proj" | "self_attn.k_proj");
-                if let Some(q) = quantize_clipped(&name, &w.weight, x.view(), clip) {
+                if let Some(q) = quantize_clipped(&name, &w.weight, x.view()) {
                     quantized.insert(name, q);
                 }
             }
@@ -241,7 +241,7 @@ pub fn awq_model(
         let s = search_scales(sample.view(), &mean, &[(&head, scheme)], opts.grid);
         current.norm /= &s;
         let head = head * &s;
-        if let Some(q) = quantize_clipped("lm_head.weight", &head, (sample / &s).view(), true) {
+        if let Some(q) = quantize_clipped("lm_head.weight", &head, (sample / &s).view()) {
             quantized.insert("lm_head.weight".to_string(), q);
         }
         current.lm_head = Some(head);
