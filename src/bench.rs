@@ -21,6 +21,8 @@ pub struct BenchOptions {
     pub streams: Vec<usize>,
     /// ONNX Runtime intra-op threads (0: one per core).
     pub threads: usize,
+    /// MatMulNBits accuracy level (None: ONNX Runtime's default, 4).
+    pub accuracy_level: Option<u8>,
 }
 
 /// Prompt length of the time-to-first-token measurement.
@@ -60,7 +62,11 @@ pub type BenchError = String;
 pub fn bench_artifact(dir: &Path, opts: &BenchOptions) -> Result<BenchRow, BenchError> {
     let m = Manifest::read(dir).map_err(|e| e.to_string())?;
     let weight_bytes = std::fs::metadata(dir.join(manifest::DATA_FILE)).map_err(|e| e.to_string())?.len();
-    let session = SessionOptions { intra_threads: opts.threads, ..Default::default() };
+    let session = SessionOptions {
+        intra_threads: opts.threads,
+        matmul_accuracy_level: opts.accuracy_level,
+        ..Default::default()
+    };
     let tokens = prompt_tokens(dir, &m, opts.long_context.max(PREFILL_PROMPT))?;
     let context = (opts.long_context + opts.tokens + 1).min(m.max_context);
     if opts.long_context + opts.tokens + 1 > m.max_context {

@@ -166,6 +166,9 @@ enum Command {
         /// Threads ONNX Runtime uses (0: one per core).
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        /// MatMulNBits accuracy level: 4 (default) computes with int8 activations, 0/1 in f32.
+        #[arg(long)]
+        accuracy_level: Option<u8>,
         /// Print one JSON object per artifact instead of the table.
         #[arg(long)]
         json: bool,
@@ -185,6 +188,8 @@ struct BenchOne {
     streams: Vec<usize>,
     #[arg(long)]
     threads: usize,
+    #[arg(long)]
+    accuracy_level: Option<u8>,
 }
 
 /// Sampling flags of `kiln generate`.
@@ -261,6 +266,7 @@ fn main() -> Result<()> {
             long_context: a.long_context,
             streams: a.streams,
             threads: a.threads,
+            accuracy_level: a.accuracy_level,
         };
         let row = kiln::bench::bench_artifact(&a.artifact, &opts).map_err(anyhow::Error::msg)?;
         println!("{}", serde_json::to_string(&row)?);
@@ -343,8 +349,8 @@ fn main() -> Result<()> {
             let path = model.unwrap_or_else(default_model_path);
             generate(&path, request, ep.into(), threads, json)
         }
-        Command::Bench { artifacts, tokens, long_context, streams, threads, json } => {
-            let opts = kiln::bench::BenchOptions { tokens, long_context, streams, threads };
+        Command::Bench { artifacts, tokens, long_context, streams, threads, accuracy_level, json } => {
+            let opts = kiln::bench::BenchOptions { tokens, long_context, streams, threads, accuracy_level };
             bench(&artifacts, &opts, json)
         }
     }
@@ -600,6 +606,7 @@ fn bench(artifacts: &[PathBuf], opts: &kiln::bench::BenchOptions, json: bool) ->
             .arg(dir)
             .args(["--tokens", &opts.tokens.to_string(), "--long-context", &opts.long_context.to_string()])
             .args(["--streams", &streams.join(","), "--threads", &opts.threads.to_string()])
+            .args(opts.accuracy_level.map(|l| format!("--accuracy-level={l}")))
             .stderr(std::process::Stdio::inherit())
             .output()
             .context("running the bench process")?;
