@@ -11,7 +11,8 @@
 //! parameters (scale, zero point) are those of the storage scheme; without act-order they
 //! are computed from the already-updated weights when the group's first column is reached.
 
-use ndarray::{s, Array2, ArrayView2, Axis};
+use ndarray::{s, Array2, ArrayView2, ArrayViewMut2, Axis};
+use rayon::prelude::*;
 
 use super::rtn::GroupParams;
 use super::{Layout, Quantized, Scheme};
@@ -77,6 +78,9 @@ impl Hessian {
     }
 }
 
+/// Rows per parallel task of the column loop.
+const ROW_CHUNK: usize = 64;
+
 /// Quantizes `w` `[out, in]` with `scheme` (an integer precision) using the Hessian `h`
 /// `[in, in]` of its inputs. `Err` when H stays singular even after extra dampening.
 pub fn gptq(w: ArrayView2<f32>, h: &Array2<f64>, scheme: &Scheme, opts: &GptqOptions) -> Result<Quantized, String> {
@@ -117,14 +121,15 @@ pub fn gptq(w: ArrayView2<f32>, h: &Array2<f64>, scheme: &Scheme, opts: &GptqOpt
     let mut scales = Array2::<f32>::ones((rows, groups));
     let mut zps = Array2::<u8>::zeros((rows, groups));
     let dynamic = scheme.layout == Layout::Blocked && !opts.act_order;
-    let set_group = |scales: &mut Array2<f32>, zps: &mut Array2<u8>, values: ArrayView2<f32>, g: usize| {
-        for (r, row) in values.rows().into_iter().enumerate() {
-            let v: Vec<f32> = row.to_vec();
-            let (sc, z) = params.params(&v);
-            scales[[r, g]] = sc;
-            zps[[r, g]] = z;
-        }
-    };
+    let set_group =
+        |scales: &mut ArrayViewMut2<f32>, zps: &mut ArrayViewMut2<u8>, values: ArrayView2<f32>, g: usize| {
+            for (r, row) in values.rows().into_iter().enumerate() {
+                let v: Vec<f32> = row.to_vec();
+                let (sc, z) = params.params(&v);
+                scales[[r, g]] = sc;
+                zps[[r, g]] = z;
+            }
+        };
     if scheme.layout == Layout::PerTensor {
         let all: Vec<f32> = w.iter().copied().collect();
         let (sc, z) = params.params(&all);
@@ -133,7 +138,7 @@ pub fn gptq(w: ArrayView2<f32>, h: &Array2<f64>, scheme: &Scheme, opts: &GptqOpt
     } else if !dynamic {
         for g in 0..groups {
             let end = ((g + 1) * group).min(cols);
-            set_group(&mut scales, &mut zps, w.slice(s![.., g * group..end]), g);
+            set_group(&mut scales.view_mut(), &mut zps.view_mut(), w.slice(s![.., g * group..end]), g);
         }
     }
 
@@ -145,29 +150,40 @@ pub fn gptq(w: ArrayView2<f32>, h: &Array2<f64>, scheme: &Scheme, opts: &GptqOpt
         let count = i2 - i1;
         let mut w1 = wp.slice(s![.., i1..i2]).to_owned();
         let mut err1 = Array2::<f32>::zeros((rows, count));
-        for j in 0..count {
-            let col = i1 + j;
-            let orig = perm[col];
-            let g = orig / group;
-            if dynamic && orig.is_multiple_of(group) {
-                let end = (j + group).min(count);
-                set_group(&mut scales, &mut zps, w1.slice(s![.., j..end]), g);
-            }
-            let d = u[[col, col]] as f32;
-            let urow: Vec<f32> = (j + 1..count).map(|k| u[[col, i1 + k]] as f32).collect();
-            for r in 0..rows {
-                let v = w1[[r, j]];
-                let (sc, z) = (scales[[r, g]], zps[[r, g]]);
-                let q = params.code(v, sc, z);
-                codes[[r, orig]] = q;
-                let e = (v - params.dequant(q, sc, z)) / d;
-                err1[[r, j]] = e;
-                let mut rest = w1.slice_mut(s![r, j + 1..]);
-                for (x, &uk) in rest.iter_mut().zip(&urow) {
-                    *x -= e * uk;
+        // Rows are independent within a block (each row's error feeds only its own later
+        // columns): chunks of rows run in parallel, each over the block's columns in order.
+        let d: Vec<f32> = (i1..i2).map(|c| u[[c, c]] as f32).collect();
+        let urows: Vec<Vec<f32>> =
+            (0..count).map(|j| (j + 1..count).map(|k| u[[i1 + j, i1 + k]] as f32).collect()).collect();
+        let mut parts: Vec<_> = w1
+            .axis_chunks_iter_mut(Axis(0), ROW_CHUNK)
+            .zip(err1.axis_chunks_iter_mut(Axis(0), ROW_CHUNK))
+            .zip(codes.axis_chunks_iter_mut(Axis(0), ROW_CHUNK))
+            .zip(scales.axis_chunks_iter_mut(Axis(0), ROW_CHUNK))
+            .zip(zps.axis_chunks_iter_mut(Axis(0), ROW_CHUNK))
+            .collect();
+        parts.par_iter_mut().for_each(|((((w1, err1), codes), scales), zps)| {
+            for j in 0..count {
+                let orig = perm[i1 + j];
+                let g = orig / group;
+                if dynamic && orig.is_multiple_of(group) {
+                    let end = (j + group).min(count);
+                    set_group(scales, zps, w1.slice(s![.., j..end]), g);
+                }
+                for r in 0..w1.nrows() {
+                    let v = w1[[r, j]];
+                    let (sc, z) = (scales[[r, g]], zps[[r, g]]);
+                    let q = params.code(v, sc, z);
+                    codes[[r, orig]] = q;
+                    let e = (v - params.dequant(q, sc, z)) / d[j];
+                    err1[[r, j]] = e;
+                    let mut rest = w1.slice_mut(s![r, j + 1..]);
+                    for (x, &uk) in rest.iter_mut().zip(&urows[j]) {
+                        *x -= e * uk;
+                    }
                 }
             }
-        }
+        });
         if i2 < cols {
             let tail: Array2<f32> = u.slice(s![i1..i2, i2..]).mapv(|v| v as f32);
             let update = err1.dot(&tail);
