@@ -97,12 +97,7 @@ pub fn compare(
             pos[[r, pads[r] + j]] = j as i64;
         }
     }
-    let empty = || -> KvTensors {
-        let c = &m.config;
-        let shape = (batch, c.num_kv_heads, 0, c.head_dim);
-        (0..c.num_layers).map(|_| (ndarray::Array4::zeros(shape), ndarray::Array4::zeros(shape))).collect()
-    };
-    let (mut past_a, mut past_b) = (empty(), empty());
+    let (mut past_a, mut past_b) = (empty_past(m, batch), empty_past(m, batch));
     let mut next_pos: Vec<i64> = prompts.iter().map(|p| p.len() as i64).collect();
     let mut steps = Vec::with_capacity(decode_steps + 1);
     for step in 0..=decode_steps {
@@ -111,26 +106,14 @@ pub fn compare(
         let oa = a.step(input(past_a))?;
         let ob = b.step(input(past_b))?;
         let seq = ids.ncols();
-        let mut stats = StepStats { step, max_abs: 0.0, max_rel: 0.0, top1: 0.0, rows: 0, max_kl: 0.0 };
-        let mut rows = 0usize;
-        let mut agree = 0usize;
+        let mut stats = Accumulator::default();
         let mut next = Vec::with_capacity(batch);
         for (r, &pad) in pads.iter().enumerate() {
             let first = if step == 0 { pad } else { 0 };
-            for j in first..seq {
-                let (x, y) = (oa.logits.slice(s![r, j, ..]), ob.logits.slice(s![r, j, ..]));
-                let (abs, rel, kl) = row_stats(x, y);
-                stats.max_abs = stats.max_abs.max(abs);
-                stats.max_rel = stats.max_rel.max(rel);
-                stats.max_kl = stats.max_kl.max(kl);
-                agree += usize::from(argmax(x) == argmax(y));
-                rows += 1;
-            }
+            stats.add(oa.logits.slice(s![r, first.., ..]), ob.logits.slice(s![r, first.., ..]));
             next.push(argmax(oa.logits.slice(s![r, seq - 1, ..])));
         }
-        stats.top1 = agree as f64 / rows as f64;
-        stats.rows = rows;
-        steps.push(stats);
+        steps.push(stats.finish(step));
         past_a = oa.present;
         past_b = ob.present;
         // Feed a's choice to both.
@@ -165,12 +148,7 @@ pub fn compare_serving(
     let mut want: Vec<Vec<Array2<f32>>> = Vec::new();
     let mut chosen: Vec<Vec<u32>> = Vec::new();
     for p in prompts {
-        let c = &m.config;
-        let empty = (
-            ndarray::Array4::zeros((1, c.num_kv_heads, 0, c.head_dim)),
-            ndarray::Array4::zeros((1, c.num_kv_heads, 0, c.head_dim)),
-        );
-        let mut past: KvTensors = vec![empty; c.num_layers];
+        let mut past = empty_past(m, 1);
         let mut input: Vec<i64> = p.iter().map(|&t| t as i64).collect();
         let (mut steps, mut tokens, mut at) = (Vec::new(), Vec::new(), 0i64);
         for _ in 0..=decode_steps {
@@ -192,7 +170,6 @@ pub fn compare_serving(
         want.push(steps);
         chosen.push(tokens);
     }
-    let mut steps = Vec::with_capacity(decode_steps + 1);
     let mut stats = vec![Accumulator::default(); decode_steps + 1];
     for (slot, p) in prompts.iter().enumerate() {
         let got = serving.extend(slot, 0, p, p.len()).map_err(run)?;
@@ -206,46 +183,50 @@ pub fn compare_serving(
             stats[step].add(got.slice(s![slot..slot + 1, ..]), w[step].view());
         }
     }
-    for (step, a) in stats.into_iter().enumerate() {
-        steps.push(a.finish(step));
-    }
+    let steps = stats.into_iter().enumerate().map(|(step, a)| a.finish(step)).collect();
     Ok(Parity { batch: prompts.len(), steps })
 }
 
-/// Row statistics summed over one step.
+/// Row statistics gathered over one step.
 #[derive(Debug, Clone, Default)]
 struct Accumulator {
-    stats: Option<StepStats>,
+    max_abs: f32,
+    max_rel: f32,
+    max_kl: f64,
+    rows: usize,
     agree: usize,
 }
 
 impl Accumulator {
+    /// Compares each row of `got` with the same row of `want`.
     fn add(&mut self, got: ndarray::ArrayView2<f32>, want: ndarray::ArrayView2<f32>) {
-        let s = self.stats.get_or_insert(StepStats {
-            step: 0,
-            max_abs: 0.0,
-            max_rel: 0.0,
-            top1: 0.0,
-            rows: 0,
-            max_kl: 0.0,
-        });
         for (x, y) in got.rows().into_iter().zip(want.rows()) {
             let (abs, rel, kl) = row_stats(x, y);
-            s.max_abs = s.max_abs.max(abs);
-            s.max_rel = s.max_rel.max(rel);
-            s.max_kl = s.max_kl.max(kl);
+            self.max_abs = self.max_abs.max(abs);
+            self.max_rel = self.max_rel.max(rel);
+            self.max_kl = self.max_kl.max(kl);
             self.agree += usize::from(argmax(x) == argmax(y));
-            s.rows += 1;
+            self.rows += 1;
         }
     }
 
     fn finish(self, step: usize) -> StepStats {
-        let mut s =
-            self.stats.unwrap_or(StepStats { step, max_abs: 0.0, max_rel: 0.0, top1: 1.0, rows: 0, max_kl: 0.0 });
-        s.step = step;
-        s.top1 = self.agree as f64 / s.rows.max(1) as f64;
-        s
+        StepStats {
+            step,
+            max_abs: self.max_abs,
+            max_rel: self.max_rel,
+            top1: self.agree as f64 / self.rows.max(1) as f64,
+            rows: self.rows,
+            max_kl: self.max_kl,
+        }
     }
+}
+
+/// Empty past keys and values for `batch` sequences.
+fn empty_past(m: &Manifest, batch: usize) -> KvTensors {
+    let c = &m.config;
+    let shape = (batch, c.num_kv_heads, 0, c.head_dim);
+    (0..c.num_layers).map(|_| (ndarray::Array4::zeros(shape), ndarray::Array4::zeros(shape))).collect()
 }
 
 /// (max |a − b|, that over max |b|, KL(softmax a ‖ softmax b)).
