@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::engine::{artifact_tokenizer, Engine, EngineOptions, Prompt, Request};
+use crate::model::reference::argmax;
 use crate::onnx::manifest::{self, Manifest};
 use crate::runtime::{Forward, ServingDecoder, SessionOptions};
 
@@ -159,8 +160,7 @@ fn greedy_steps(dec: &mut ServingDecoder, past: usize, steps: usize) -> Result<D
     let t = Instant::now();
     for i in 0..steps {
         let logits = dec.step(&[(token, past + i)]).map_err(|e| e.to_string())?;
-        let row = logits.row(0);
-        token = crate::engine::sampling::argmax(row.as_slice().expect("contiguous row"));
+        token = argmax(logits.row(0));
     }
     Ok(t.elapsed())
 }

@@ -6,6 +6,7 @@ use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::EngineError;
+use crate::model::reference::argmax;
 
 /// How a request picks its tokens. The defaults are greedy decoding with no penalties.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -136,13 +137,13 @@ impl Sampler {
         let p = &self.params;
         let penalized = p.repetition_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0;
         let id = match (penalized, p.temperature == 0.0) {
-            (false, true) => argmax(logits),
+            (false, true) => argmax(logits.into()),
             (false, false) => self.sample(logits),
             (true, greedy) => {
                 let mut l = logits.to_vec();
                 self.apply_penalties(&mut l);
                 if greedy {
-                    argmax(&l)
+                    argmax(l.as_slice().into())
                 } else {
                     self.sample(&l)
                 }
@@ -190,7 +191,7 @@ impl Sampler {
                     }
                 }
             }
-            return draw(w, u).unwrap_or_else(|| argmax(l));
+            return draw(w, u).unwrap_or_else(|| argmax(l.into()));
         }
         // Candidates as (weight, id), most likely first where it matters.
         let c = &mut self.scratch;
@@ -216,7 +217,7 @@ impl Sampler {
                 return id;
             }
         }
-        c.last().map_or(argmax(l), |x| x.1)
+        c.last().map_or_else(|| argmax(l.into()), |x| x.1)
     }
 
     fn record(&mut self, id: u32) {
@@ -323,17 +324,6 @@ fn desc(a: f32, b: f32, ia: u32, ib: u32) -> std::cmp::Ordering {
     b.total_cmp(&a).then(ia.cmp(&ib))
 }
 
-/// Index of the largest value (the first one on ties).
-pub fn argmax(l: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in l.iter().enumerate() {
-        if v > l[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -370,7 +360,7 @@ mod tests {
     #[test]
     fn top_k_one_and_tiny_top_p_are_greedy() {
         let logits: Vec<f32> = (0..1000).map(|i| ((i * 37) % 101) as f32 / 10.0).collect();
-        let best = argmax(&logits);
+        let best = argmax(logits.as_slice().into());
         for p in [params(|p| (p.temperature, p.top_k) = (1.0, 1)), params(|p| (p.temperature, p.top_p) = (1.0, 1e-6))] {
             let mut s = Sampler::new(p, 1000, &[]);
             for _ in 0..20 {
