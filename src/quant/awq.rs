@@ -18,8 +18,8 @@
 use std::collections::HashMap;
 
 use ndarray::{s, Array1, Array2, ArrayView2, Axis};
-use rayon::prelude::*;
 
+use super::calibrate::observe_layer;
 use super::{quantize, quantize_for_inputs, Quantized, Scheme};
 use crate::model::reference::{Reference, Site};
 use crate::model::{LayerWeights, Linear, ModelConfig, Weights};
@@ -176,24 +176,14 @@ pub fn awq_model(
         let mut stats: HashMap<Site, SiteStats> = HashMap::new();
         {
             let r = Reference::from_parts(config, &current);
-            for pair in hidden.chunks_mut(2) {
-                let per: Vec<HashMap<Site, SiteStats>> = pair
-                    .par_iter_mut()
-                    .map(|x| {
-                        let mut cache = r.new_cache(x.nrows());
-                        let mut local: HashMap<Site, SiteStats> = HashMap::new();
-                        r.layer_observed(i, x, &mut cache, &mut |site, v| {
-                            local.entry(site).or_insert_with(|| SiteStats::new(v.ncols())).add(v, per_window);
-                        });
-                        local
-                    })
-                    .collect();
-                for local in per {
-                    for (site, st) in local {
-                        stats.entry(site).or_insert_with(|| SiteStats::new(st.sum.len())).merge(st, opts.samples);
-                    }
+            let add = |local: &mut HashMap<Site, SiteStats>, site: Site, v: ArrayView2<f32>| {
+                local.entry(site).or_insert_with(|| SiteStats::new(v.ncols())).add(v, per_window);
+            };
+            observe_layer(&r, i, &mut hidden, true, &add, &mut |local| {
+                for (site, st) in local {
+                    stats.entry(site).or_insert_with(|| SiteStats::new(st.sum.len())).merge(st, opts.samples);
                 }
-            }
+            });
         }
         let p = format!("model.layers.{i}");
         // Each site's sampled inputs as the scaled projections see them (x / s).

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use ndarray::Array2;
+use ndarray::{Array2, ArrayView2};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -75,6 +75,38 @@ pub fn calibration_windows(
     Ok((0..opts.windows).map(|k| ids[k * stride..k * stride + opts.window].to_vec()).collect())
 }
 
+/// Adds one site's inputs to a window's statistics.
+pub(crate) type AddObserved<'a, S> = dyn Fn(&mut HashMap<Site, S>, Site, ArrayView2<f32>) + Sync + 'a;
+
+/// Runs layer `i` over every window, two windows at a time on separate threads, giving
+/// each window's inputs at every site to `add` (into that window's own statistics), then
+/// handing the windows' statistics to `merge` in window order, so results do not depend on
+/// scheduling and at most two windows' statistics are alive at once. With `advance`, each
+/// window becomes the layer's output; otherwise the windows stay as they were.
+pub(crate) fn observe_layer<S: Send>(
+    r: &Reference,
+    i: usize,
+    windows: &mut [Array2<f32>],
+    advance: bool,
+    add: &AddObserved<'_, S>,
+    merge: &mut dyn FnMut(HashMap<Site, S>),
+) {
+    for pair in windows.chunks_mut(2) {
+        let per_window: Vec<HashMap<Site, S>> = pair
+            .par_iter_mut()
+            .map(|x| {
+                let mut copy = (!advance).then(|| x.clone());
+                let x = copy.as_mut().unwrap_or(x);
+                let mut cache = r.new_cache(x.nrows());
+                let mut local = HashMap::new();
+                r.layer_observed(i, x, &mut cache, &mut |site, v| add(&mut local, site, v));
+                local
+            })
+            .collect();
+        per_window.into_iter().for_each(&mut *merge);
+    }
+}
+
 /// The site whose input a projection reads.
 fn site_of(projection: &str) -> Site {
     match projection {
@@ -104,37 +136,22 @@ pub fn gptq_model(
         windows.iter().map(|w| r.embed(w).map_err(|e| e.to_string())).collect::<Result<_, _>>()?
     };
     for i in 0..config.num_layers {
-        // 1. Hessians of the four input sites, with this layer's float weights. Windows run
-        //    two at a time on separate threads; their sums are merged in window order, so
-        //    the result does not depend on scheduling.
+        // 1. Hessians of the four input sites, with this layer's float weights.
         let mut hessians: HashMap<Site, Hessian> = HashMap::new();
-        {
-            let r = Reference::from_parts(config, &current);
-            for pair in hidden.chunks(2) {
-                let per_window: Vec<HashMap<Site, Hessian>> = pair
-                    .par_iter()
-                    .map(|x| {
-                        let mut x = x.clone();
-                        let mut cache = r.new_cache(x.nrows());
-                        let mut local: HashMap<Site, Hessian> = HashMap::new();
-                        r.layer_observed(i, &mut x, &mut cache, &mut |site, v| {
-                            local.entry(site).or_insert_with(|| Hessian::new(v.ncols())).add(v);
-                        });
-                        local
-                    })
-                    .collect();
-                for local in per_window {
-                    for (site, h) in local {
-                        match hessians.get_mut(&site) {
-                            Some(acc) => acc.merge(&h),
-                            None => {
-                                hessians.insert(site, h);
-                            }
-                        }
+        let r = Reference::from_parts(config, &current);
+        let add = |local: &mut HashMap<Site, Hessian>, site: Site, v: ArrayView2<f32>| {
+            local.entry(site).or_insert_with(|| Hessian::new(v.ncols())).add(v);
+        };
+        observe_layer(&r, i, &mut hidden, false, &add, &mut |local| {
+            for (site, h) in local {
+                match hessians.get_mut(&site) {
+                    Some(acc) => acc.merge(&h),
+                    None => {
+                        hessians.insert(site, h);
                     }
                 }
             }
-        }
+        });
         // 2. Quantize the projections and put their reconstructions in place.
         for (name, lin) in current.layers[i].linears_mut() {
             let site = &site_of(name);
