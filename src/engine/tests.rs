@@ -193,13 +193,17 @@ fn dropping_the_receiver_cancels() {
 fn a_full_queue_refuses_with_overloaded() {
     let (e, _) = engine(1, 2, Duration::from_millis(20));
     let long = |_| request(&[3], |r| (r.max_new_tokens, r.ignore_eos) = (1_000, true));
-    let results: Vec<Result<Generation, EngineError>> = (0..4).map(|i| e.submit(long(i))).collect();
-    assert!(results[0].is_ok() && results[1].is_ok());
-    match &results[3] {
+    // The first request holds the slot once its first token is out; two more fill the queue.
+    let first = e.submit(long(0)).expect("the slot is free");
+    let Event::Token(_) = first.events.recv().expect("first token") else { panic!("expected a token") };
+    let results: Vec<Result<Generation, EngineError>> = (1..4).map(|i| e.submit(long(i))).collect();
+    assert!(results[0].is_ok() && results[1].is_ok(), "two requests fit the queue");
+    match &results[2] {
         Err(err @ EngineError::Overloaded { capacity: 2, .. }) => assert_eq!(err.kind(), "overloaded"),
         Err(err) => panic!("expected overloaded, got {err}"),
         Ok(_) => panic!("a fourth request fit a queue of two behind one slot"),
     }
+    first.cancel.cancel();
     for g in results.into_iter().flatten() {
         g.cancel.cancel();
     }
