@@ -1,4 +1,4 @@
-# kiln: the README's two commands are `make demo` (main job) and `make test`.
+# kiln: the README's two commands are `make serve` (main job) and `make test`.
 # Everything kiln needs from outside is fetched by `make setup` into $(KILN_CACHE)
 # (default ~/.cache/kiln), pinned and sha256-checked; a complete cache is reused offline.
 
@@ -9,7 +9,7 @@ TOKENS ?= 48
 VENV := .venv
 KILN := target/release/kiln
 
-.PHONY: setup test demo export check bench test-gpu lint build
+.PHONY: setup test demo serve export check bench test-gpu lint build
 
 # Fetch the ONNX Runtime library, the default model and the corpus; make the Python venv
 # the tests use (onnx checker, ONNX Runtime's Python API, tokenizers).
@@ -48,6 +48,14 @@ test-gpu: export
 demo: setup build
 	$(KILN) export export/int4.toml
 	$(KILN) generate export/out/int4 --prompt "$(PROMPT)" -n $(TOKENS)
+
+# The gRPC service on the default model (export skipped when up to date): proto/kiln/v1,
+# health, reflection; Prometheus metrics on METRICS_ADDR. SIGTERM/SIGINT drain and exit.
+ADDR ?= 127.0.0.1:50051
+METRICS_ADDR ?= 127.0.0.1:9090
+serve: setup build
+	$(KILN) export export/int4.toml
+	$(KILN) serve export/out/int4 --addr $(ADDR) --metrics-addr $(METRICS_ADDR)
 
 # The precision comparison: size, memory, TTFT, prefill, decode at short and 1024 context,
 # aggregate throughput of 1/4/8/16 streams.

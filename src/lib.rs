@@ -27,3 +27,4 @@ pub mod model;
 pub mod onnx;
 pub mod quant;
 pub mod runtime;
+pub mod serve;

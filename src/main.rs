@@ -152,8 +152,12 @@ enum Command {
     /// and long context, and aggregate throughput of concurrent streams.
     Bench {
         /// Artifact directories.
-        #[arg(required = true)]
+        #[arg(required_unless_present = "grpc", conflicts_with = "grpc")]
         artifacts: Vec<PathBuf>,
+        /// Measure a running `kiln serve` at this address instead, as a gRPC client: TTFT and
+        /// per-stream and aggregate decode speed of concurrent streams.
+        #[arg(long, value_name = "ADDR")]
+        grpc: Option<String>,
         /// Tokens generated per measurement.
         #[arg(long, default_value_t = 64)]
         tokens: usize,
@@ -172,6 +176,46 @@ enum Command {
         /// Print one JSON object per artifact instead of the table.
         #[arg(long)]
         json: bool,
+    },
+    /// Serve an artifact over gRPC (`proto/kiln/v1/kiln.proto`), with health, reflection and
+    /// Prometheus metrics. SIGTERM/SIGINT drain: new requests are refused, open streams get
+    /// `--grace` seconds to finish, then the process exits 0.
+    Serve {
+        /// Artifact directory.
+        artifact: PathBuf,
+        /// gRPC listen address (port 0: any free port; the bound address is printed).
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        addr: std::net::SocketAddr,
+        /// Serve Prometheus metrics on http://ADDR/metrics.
+        #[arg(long, value_name = "ADDR")]
+        metrics_addr: Option<std::net::SocketAddr>,
+        /// Sequences generated at once (KV cache slots, allocated up front).
+        #[arg(long, default_value_t = 8)]
+        max_sequences: usize,
+        /// Positions per sequence (capped by the artifact's context).
+        #[arg(long, default_value_t = 2048)]
+        context: usize,
+        /// Requests that may wait for a slot before new ones get RESOURCE_EXHAUSTED.
+        #[arg(long, default_value_t = 64)]
+        queue: usize,
+        /// Largest max_tokens a request may ask for.
+        #[arg(long, default_value_t = 2048)]
+        max_tokens: u32,
+        /// max_tokens of a request that sets none.
+        #[arg(long, default_value_t = 256)]
+        default_max_tokens: u32,
+        /// Largest request message in bytes (larger ones get OUT_OF_RANGE).
+        #[arg(long, default_value_t = 4 << 20)]
+        max_message_bytes: usize,
+        /// Seconds open streams may run after SIGTERM/SIGINT.
+        #[arg(long, default_value_t = 30.0)]
+        grace: f64,
+        /// Execution provider.
+        #[arg(long, value_enum, default_value_t = Ep::Cpu)]
+        ep: Ep,
+        /// Threads ONNX Runtime uses (0: one per core).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
     },
 }
 
@@ -317,6 +361,51 @@ fn main() -> Result<()> {
             check(&artifacts, &opts, json)
         }
         Command::Tokenize { model, text, json } => tokenize(model, &text, json),
+        Command::Serve {
+            artifact,
+            addr,
+            metrics_addr,
+            max_sequences,
+            context,
+            queue,
+            max_tokens,
+            default_max_tokens,
+            max_message_bytes,
+            grace,
+            ep,
+            threads,
+        } => {
+            if max_sequences == 0 {
+                bail!("--max-sequences must be at least 1");
+            }
+            if default_max_tokens == 0 || default_max_tokens > max_tokens {
+                bail!("--default-max-tokens must be between 1 and --max-tokens ({max_tokens})");
+            }
+            if !(grace.is_finite() && grace >= 0.0) {
+                bail!("--grace must be a number of seconds >= 0");
+            }
+            tracing_subscriber::fmt()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
+                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                )
+                .init();
+            kiln::serve::run(kiln::serve::ServeOptions {
+                artifact,
+                addr,
+                metrics_addr,
+                session: SessionOptions { provider: ep.into(), intra_threads: threads, ..Default::default() },
+                max_sequences,
+                context,
+                queue_capacity: queue,
+                max_tokens,
+                default_max_tokens,
+                max_message_bytes,
+                grace: std::time::Duration::from_secs_f64(grace),
+            })
+        }
         Command::Generate {
             model,
             prompt,
@@ -349,7 +438,16 @@ fn main() -> Result<()> {
             let path = model.unwrap_or_else(default_model_path);
             generate(&path, request, ep.into(), threads, json)
         }
-        Command::Bench { artifacts, tokens, long_context, streams, threads, accuracy_level, json } => {
+        Command::Bench { grpc: Some(addr), tokens, streams, json, .. } => {
+            let (ttft, rows) = kiln::serve::bench::bench_grpc(&addr, tokens, &streams).map_err(anyhow::Error::msg)?;
+            if json {
+                println!("{}", serde_json::json!({ "ttft_s": ttft, "streams": rows }));
+            } else {
+                print!("{}", kiln::serve::bench::render(ttft, &rows));
+            }
+            Ok(())
+        }
+        Command::Bench { grpc: None, artifacts, tokens, long_context, streams, threads, accuracy_level, json } => {
             let opts = kiln::bench::BenchOptions { tokens, long_context, streams, threads, accuracy_level };
             bench(&artifacts, &opts, json)
         }

@@ -15,6 +15,9 @@ pub struct Message {
     pub content: String,
 }
 
+/// The roles a message may have.
+pub const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
+
 /// Execution budget of one rendering: templates come with artifacts, and a runaway loop
 /// must end in an error, not a hung engine.
 const FUEL: u64 = 1_000_000;
@@ -42,6 +45,12 @@ impl ChatTemplate {
     pub fn render(&self, messages: &[Message]) -> Result<String, EngineError> {
         if messages.is_empty() {
             return Err(EngineError::InvalidRequest { field: "messages", reason: "no messages".into() });
+        }
+        if let Some((i, m)) = messages.iter().enumerate().find(|(_, m)| !ROLES.contains(&m.role.as_str())) {
+            return Err(EngineError::InvalidRequest {
+                field: "messages",
+                reason: format!("message {i} has role {:?}; roles are {}", m.role, ROLES.join(", ")),
+            });
         }
         let t = self.env.get_template("chat").map_err(template_error)?;
         t.render(minijinja::context! {
@@ -92,5 +101,7 @@ mod tests {
         .expect("compiles");
         assert!(endless.render(&[msg("user", "x")]).is_err(), "runs out of fuel");
         assert!(t.render(&[]).is_err());
+        let err = t.render(&[msg("user", "x"), msg("wizard", "y")]).expect_err("unknown role");
+        assert!(err.to_string().contains("message 1 has role \"wizard\""), "{err}");
     }
 }

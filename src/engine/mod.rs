@@ -179,6 +179,8 @@ pub struct Summary {
     pub prompt_tokens: usize,
     /// Tokens generated (stop tokens excluded).
     pub generated_tokens: usize,
+    /// Submission to the start of its prefill (waiting for a slot).
+    pub queue_time: Duration,
     /// Submission to first token, including time in the queue.
     pub time_to_first_token: Duration,
     /// Submission to the end.
@@ -272,11 +274,21 @@ pub struct Engine {
     commands: Option<mpsc::Sender<Admitted>>,
     thread: Option<JoinHandle<()>>,
     waiting: Arc<AtomicUsize>,
+    running: Arc<AtomicUsize>,
     options: EngineOptions,
     tokenizer: Arc<ModelTokenizer>,
     template: Option<ChatTemplate>,
     slots: usize,
     context: usize,
+}
+
+/// How busy the engine is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Load {
+    /// Sequences in slots.
+    pub running: usize,
+    /// Requests waiting for a slot.
+    pub waiting: usize,
 }
 
 /// A validated, tokenized request on its way to the scheduler.
@@ -307,7 +319,8 @@ impl Engine {
         let (commands, inbox) = mpsc::channel::<Admitted>();
         let (ready_tx, ready) = mpsc::channel::<Result<(usize, usize), EngineError>>();
         let waiting = Arc::new(AtomicUsize::new(0));
-        let (tok, w) = (tokenizer.clone(), waiting.clone());
+        let running = Arc::new(AtomicUsize::new(0));
+        let (tok, w, r) = (tokenizer.clone(), waiting.clone(), running.clone());
         let thread = std::thread::Builder::new()
             .name("kiln-engine".into())
             .spawn(move || {
@@ -319,7 +332,7 @@ impl Engine {
                     }
                 };
                 let _ = ready_tx.send(Ok((model.slots(), model.max_context())));
-                Scheduler::new(model, tok, w).run(inbox);
+                Scheduler::new(model, tok, w, r).run(inbox);
             })
             .map_err(|e| EngineError::Model(format!("starting the engine thread: {e}")))?;
         let (slots, context) = ready.recv().map_err(|_| EngineError::ShutDown)??;
@@ -327,6 +340,7 @@ impl Engine {
             commands: Some(commands),
             thread: Some(thread),
             waiting,
+            running,
             options,
             tokenizer,
             template,
@@ -343,6 +357,16 @@ impl Engine {
     /// Positions per sequence (prompt plus output).
     pub fn context(&self) -> usize {
         self.context
+    }
+
+    /// Requests running now (slots in use) and waiting for a slot.
+    pub fn load(&self) -> Load {
+        Load { running: self.running.load(Ordering::Acquire), waiting: self.waiting.load(Ordering::Acquire) }
+    }
+
+    /// Requests that may wait for a slot.
+    pub fn queue_capacity(&self) -> usize {
+        self.options.queue_capacity
     }
 
     /// The tokenizer.
@@ -391,6 +415,13 @@ impl Engine {
         }
         if request.stop_strings.iter().any(|s| s.is_empty()) {
             return Err(EngineError::InvalidRequest { field: "stop_strings", reason: "empty stop string".into() });
+        }
+        let vocab = self.tokenizer.vocab_size();
+        if let Some(bad) = request.stop_token_ids.iter().find(|&&i| i as usize >= vocab) {
+            return Err(EngineError::InvalidRequest {
+                field: "stop_token_ids",
+                reason: format!("token id {bad} is outside the vocabulary of {vocab}"),
+            });
         }
         let mut prompt = self.prompt_ids(&request.prompt)?;
         if prompt.is_empty() {
@@ -444,6 +475,8 @@ struct Sequence {
     /// The last sampled token, fed at the next step.
     next: u32,
     submitted: Instant,
+    /// Time from submission to the start of its prefill.
+    queued: Duration,
     first_token: Option<Duration>,
     done: bool,
 }
@@ -455,6 +488,7 @@ impl Sequence {
             finish_reason: reason,
             prompt_tokens: self.prompt_tokens,
             generated_tokens: self.generated,
+            queue_time: self.queued,
             time_to_first_token: self.first_token.unwrap_or_default(),
             total_time: self.submitted.elapsed(),
         };
@@ -467,13 +501,19 @@ struct Scheduler<F: Forward> {
     model: F,
     tokenizer: Arc<ModelTokenizer>,
     waiting_count: Arc<AtomicUsize>,
+    running_count: Arc<AtomicUsize>,
     waiting: VecDeque<Admitted>,
     running: Vec<Sequence>,
 }
 
 impl<F: Forward> Scheduler<F> {
-    fn new(model: F, tokenizer: Arc<ModelTokenizer>, waiting_count: Arc<AtomicUsize>) -> Self {
-        Scheduler { model, tokenizer, waiting_count, waiting: VecDeque::new(), running: Vec::new() }
+    fn new(
+        model: F,
+        tokenizer: Arc<ModelTokenizer>,
+        waiting_count: Arc<AtomicUsize>,
+        running_count: Arc<AtomicUsize>,
+    ) -> Self {
+        Scheduler { model, tokenizer, waiting_count, running_count, waiting: VecDeque::new(), running: Vec::new() }
     }
 
     fn run(mut self, inbox: mpsc::Receiver<Admitted>) {
@@ -498,6 +538,7 @@ impl<F: Forward> Scheduler<F> {
             self.admit();
             self.step();
             self.release();
+            self.running_count.store(self.running.len(), Ordering::Release);
         }
     }
 
@@ -510,6 +551,7 @@ impl<F: Forward> Scheduler<F> {
                 continue;
             }
             let slot = self.running.len();
+            let queued = a.submitted.elapsed();
             let logits = match self.model.extend(slot, 0, &a.prompt, 1) {
                 Ok(l) => l,
                 Err(e) => {
@@ -531,6 +573,7 @@ impl<F: Forward> Scheduler<F> {
                 past: a.prompt.len(),
                 next: 0,
                 submitted: a.submitted,
+                queued,
                 first_token: None,
                 done: false,
             };
@@ -538,6 +581,7 @@ impl<F: Forward> Scheduler<F> {
             let row = row.as_slice().expect("logits rows are contiguous");
             self.accept(&mut seq, row);
             self.running.push(seq);
+            self.running_count.store(self.running.len(), Ordering::Release);
             if self.running.last().is_some_and(|s| s.done) {
                 self.release();
             }
@@ -677,6 +721,7 @@ impl<F: Forward> Scheduler<F> {
         }
         self.running.clear();
         self.waiting.clear();
+        self.running_count.store(0, Ordering::Release);
     }
 }
 
