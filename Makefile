@@ -9,7 +9,7 @@ TOKENS ?= 48
 VENV := .venv
 KILN := target/release/kiln
 
-.PHONY: setup test demo serve export check bench test-gpu lint build
+.PHONY: setup test demo serve export check bench bench-speculative test-gpu lint build
 
 # Fetch the ONNX Runtime library, the default model and the corpus; make the Python venv
 # the tests use (onnx checker, ONNX Runtime's Python API, tokenizers).
@@ -61,6 +61,12 @@ serve: setup build
 # aggregate throughput of 1/4/8/16 streams.
 bench: export
 	$(KILN) bench export/out/fp32 export/out/int8 export/out/int4 export/out/int4-g64-sym
+
+# Speculative decoding of the FP32 target: every drafter at K = 1, 2, 4, 8, 16, with the
+# speedup the acceptance rate predicts, and a plot (speculative.svg).
+bench-speculative: export
+	$(KILN) bench --speculative export/out/fp32 --draft export/out/int8 --draft export/out/int4-gptq \
+		--draft export/out/int4 --draft export/out/draft-l20 --threads 2 --plot speculative.svg
 
 lint:
 	$(CARGO) fmt --check

@@ -11,7 +11,8 @@ use kiln::check::report::CheckOptions;
 use kiln::engine::chat::Message;
 use kiln::engine::native::NativeForward;
 use kiln::engine::sampling::SamplingParams;
-use kiln::engine::{artifact_tokenizer, Engine, EngineOptions, Event, Prompt, Request};
+use kiln::engine::speculative::{DraftMethod, Speculation};
+use kiln::engine::{artifact_tokenizer, draft_opener, Engine, EngineOptions, Event, Prompt, Request};
 use kiln::model::gguf::GgufFile;
 use kiln::model::{default_model_path, Model};
 use kiln::onnx::decoder::TensorReport;
@@ -144,6 +145,20 @@ enum Command {
         /// Threads ONNX Runtime uses (0: one per core).
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        /// MatMulNBits accuracy level of 4/8-bit weights: 4 (ONNX Runtime's default) computes
+        /// with int8 activations, 1 in f32 (slower; speculative output then equals plain
+        /// decoding exactly, see the README).
+        #[arg(long)]
+        accuracy_level: Option<u8>,
+        /// Speculative decoding: draft with a draft model (--draft) or by prompt lookup.
+        #[arg(long, value_enum)]
+        speculative: Option<Drafter>,
+        /// Draft artifact (with --speculative model).
+        #[arg(long)]
+        draft: Option<PathBuf>,
+        /// Tokens drafted per step (1-16); 0 adapts to the acceptance rate.
+        #[arg(long, default_value_t = 0)]
+        draft_tokens: usize,
         /// Print one JSON object (token_ids, text, finish_reason, timings) instead.
         #[arg(long)]
         json: bool,
@@ -158,6 +173,19 @@ enum Command {
         /// per-stream and aggregate decode speed of concurrent streams.
         #[arg(long, value_name = "ADDR")]
         grpc: Option<String>,
+        /// Measure speculative decoding of the one artifact given (the target): each drafter
+        /// (every --draft, and prompt lookup) at each --k, against plain decoding.
+        #[arg(long)]
+        speculative: bool,
+        /// Draft artifacts for --speculative (repeatable).
+        #[arg(long, requires = "speculative")]
+        draft: Vec<PathBuf>,
+        /// Draft lengths for --speculative.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16", requires = "speculative")]
+        k: Vec<usize>,
+        /// Where --speculative writes its plot (SVG).
+        #[arg(long, default_value = "speculative.svg", requires = "speculative")]
+        plot: PathBuf,
         /// Tokens generated per measurement.
         #[arg(long, default_value_t = 64)]
         tokens: usize,
@@ -183,6 +211,10 @@ enum Command {
     Serve {
         /// Artifact directory.
         artifact: PathBuf,
+        /// Draft artifact for speculative decoding (same tokenizer; e.g. an INT4 or
+        /// layer-truncated export of the same model). Prompt lookup needs none.
+        #[arg(long)]
+        draft: Option<PathBuf>,
         /// gRPC listen address (port 0: any free port; the bound address is printed).
         #[arg(long, default_value = "127.0.0.1:50051")]
         addr: std::net::SocketAddr,
@@ -216,6 +248,11 @@ enum Command {
         /// Threads ONNX Runtime uses (0: one per core).
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        /// MatMulNBits accuracy level of 4/8-bit weights: 4 (ONNX Runtime's default) computes
+        /// with int8 activations, 1 in f32 (slower; speculative output then equals plain
+        /// decoding exactly, see the README).
+        #[arg(long)]
+        accuracy_level: Option<u8>,
     },
 }
 
@@ -280,6 +317,14 @@ impl SamplingArgs {
             top_logprobs: 0,
         }
     }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Drafter {
+    /// A draft model artifact (--draft).
+    Model,
+    /// N-gram lookup in the prompt and the generated text.
+    PromptLookup,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -363,6 +408,7 @@ fn main() -> Result<()> {
         Command::Tokenize { model, text, json } => tokenize(model, &text, json),
         Command::Serve {
             artifact,
+            draft,
             addr,
             metrics_addr,
             max_sequences,
@@ -374,6 +420,7 @@ fn main() -> Result<()> {
             grace,
             ep,
             threads,
+            accuracy_level,
         } => {
             if max_sequences == 0 {
                 bail!("--max-sequences must be at least 1");
@@ -394,9 +441,15 @@ fn main() -> Result<()> {
                 .init();
             kiln::serve::run(kiln::serve::ServeOptions {
                 artifact,
+                draft,
                 addr,
                 metrics_addr,
-                session: SessionOptions { provider: ep.into(), intra_threads: threads, ..Default::default() },
+                session: SessionOptions {
+                    provider: ep.into(),
+                    intra_threads: threads,
+                    matmul_accuracy_level: accuracy_level,
+                    ..Default::default()
+                },
                 max_sequences,
                 context,
                 queue_capacity: queue,
@@ -417,8 +470,19 @@ fn main() -> Result<()> {
             ignore_eos,
             ep,
             threads,
+            accuracy_level,
+            speculative,
+            draft,
+            draft_tokens,
             json,
         } => {
+            let method = match (speculative, &draft) {
+                (Some(Drafter::Model), None) => bail!("--speculative model needs --draft <artifact>"),
+                (None | Some(Drafter::PromptLookup), Some(_)) => bail!("--draft needs --speculative model"),
+                (Some(Drafter::Model), Some(_)) => Some(DraftMethod::Model),
+                (Some(Drafter::PromptLookup), None) => Some(DraftMethod::PromptLookup),
+                (None, None) => None,
+            };
             let prompt = if chat {
                 let mut messages: Vec<Message> =
                     system.into_iter().map(|content| Message { role: "system".into(), content }).collect();
@@ -433,10 +497,17 @@ fn main() -> Result<()> {
                 max_new_tokens: max_tokens,
                 stop_strings: stop,
                 ignore_eos,
+                speculative: method.map(|method| Speculation { method, draft_tokens }),
                 ..Default::default()
             };
             let path = model.unwrap_or_else(default_model_path);
-            generate(&path, request, ep.into(), threads, json)
+            let session = SessionOptions {
+                provider: ep.into(),
+                intra_threads: threads,
+                matmul_accuracy_level: accuracy_level,
+                ..Default::default()
+            };
+            generate(&path, draft.as_deref(), request, session, json)
         }
         Command::Bench { grpc: Some(addr), tokens, streams, json, .. } => {
             let (ttft, rows) = kiln::serve::bench::bench_grpc(&addr, tokens, &streams).map_err(anyhow::Error::msg)?;
@@ -447,7 +518,35 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Command::Bench { grpc: None, artifacts, tokens, long_context, streams, threads, accuracy_level, json } => {
+        Command::Bench { grpc: None, speculative: true, artifacts, draft, k, plot, tokens, threads, json, .. } => {
+            let [target] = artifacts.as_slice() else { bail!("--speculative takes one target artifact") };
+            if k.iter().any(|&k| k == 0 || k > kiln::engine::speculative::MAX_DRAFT_TOKENS) {
+                bail!("--k values must be between 1 and {}", kiln::engine::speculative::MAX_DRAFT_TOKENS);
+            }
+            let opts = kiln::bench::speculative::SpecBenchOptions { drafts: draft, ks: k, tokens, threads };
+            let report = kiln::bench::speculative::bench_speculative(target, &opts).map_err(anyhow::Error::msg)?;
+            std::fs::write(&plot, kiln::bench::speculative::plot_svg(&report))
+                .with_context(|| format!("writing {}", plot.display()))?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", kiln::bench::speculative::render(&report));
+                println!("\nplot: {}", plot.display());
+            }
+            Ok(())
+        }
+        Command::Bench {
+            grpc: None,
+            speculative: false,
+            artifacts,
+            tokens,
+            long_context,
+            streams,
+            threads,
+            accuracy_level,
+            json,
+            ..
+        } => {
             let opts = kiln::bench::BenchOptions { tokens, long_context, streams, threads, accuracy_level };
             bench(&artifacts, &opts, json)
         }
@@ -725,16 +824,25 @@ fn bench(artifacts: &[PathBuf], opts: &kiln::bench::BenchOptions, json: bool) ->
 }
 
 /// Starts an engine with one slot over an artifact (ONNX Runtime) or a model (reference).
-fn single_engine(path: &Path, provider: Provider, threads: usize, context: usize) -> Result<(Engine, &'static str)> {
+fn single_engine(
+    path: &Path,
+    draft: Option<&Path>,
+    opts: SessionOptions,
+    context: usize,
+) -> Result<(Engine, &'static str)> {
+    let provider = opts.provider;
     if path.join(manifest::MANIFEST_FILE).is_file() {
         let m = Manifest::read(path)?;
         let tokenizer = artifact_tokenizer(path, &m)?;
-        let opts = SessionOptions { provider, intra_threads: threads, ..Default::default() };
         let dir = path.to_path_buf();
         let context = context.min(m.max_context);
+        let draft = draft.map(|d| draft_opener(d, &m, &opts, 1, context)).transpose()?;
         let open = move || ServingDecoder::open(&dir, &opts, 1, context);
-        Ok((Engine::start(open, tokenizer, EngineOptions::default())?, "onnxruntime"))
+        Ok((Engine::start_with_draft(open, draft, tokenizer, EngineOptions::default())?, "onnxruntime"))
     } else {
+        if draft.is_some() {
+            bail!("--draft needs an artifact directory as the target; {} is a model", path.display());
+        }
         if provider != Provider::Cpu {
             bail!("--ep {} needs an artifact directory; {} is a model", provider.name(), path.display());
         }
@@ -746,8 +854,8 @@ fn single_engine(path: &Path, provider: Provider, threads: usize, context: usize
     }
 }
 
-fn generate(path: &Path, request: Request, provider: Provider, threads: usize, json: bool) -> Result<()> {
-    let (engine, backend) = single_engine(path, provider, threads, DEFAULT_CONTEXT)?;
+fn generate(path: &Path, draft: Option<&Path>, request: Request, session: SessionOptions, json: bool) -> Result<()> {
+    let (engine, backend) = single_engine(path, draft, session, DEFAULT_CONTEXT)?;
     let generation = engine.submit(request)?;
     let mut stdout = std::io::stdout();
     let (mut ids, mut text) = (Vec::new(), String::new());
@@ -783,7 +891,16 @@ fn generate(path: &Path, request: Request, provider: Provider, threads: usize, j
                 "prefill_tokens_per_s": s.prompt_tokens as f64 / ttft,
                 "decode_tokens_per_s": decode_tps,
                 "total_s": total,
-            }
+            },
+            "speculative": s.speculative.map(|x| serde_json::json!({
+                "steps": x.steps,
+                "drafted_tokens": x.drafted,
+                "accepted_tokens": x.accepted,
+                "acceptance_rate": x.acceptance_rate(),
+                "tokens_per_step": x.tokens_per_step(),
+                "draft_s": x.draft_time.as_secs_f64(),
+                "verify_s": x.verify_time.as_secs_f64(),
+            })),
         });
         println!("{out}");
     } else {
@@ -798,6 +915,19 @@ fn generate(path: &Path, request: Request, provider: Provider, threads: usize, j
             s.prompt_tokens as f64 / ttft,
             decode_tps
         );
+        if let Some(x) = s.speculative {
+            eprintln!(
+                "[speculative: {} steps, {} of {} drafted tokens accepted ({:.0}%), {:.2} tokens per step; \
+                 draft {:.0} ms, verify {:.0} ms]",
+                x.steps,
+                x.accepted,
+                x.drafted,
+                x.acceptance_rate() * 100.0,
+                x.tokens_per_step(),
+                x.draft_time.as_secs_f64() * 1e3,
+                x.verify_time.as_secs_f64() * 1e3
+            );
+        }
     }
     Ok(())
 }

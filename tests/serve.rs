@@ -116,7 +116,8 @@ const PROMPTS: [&str; 4] =
 
 #[test]
 fn python_client_streams_cancels_and_sees_errors() {
-    let server = Server::start(&[]);
+    // Exact f32 products (accuracy level 1), so speculative output must equal plain output.
+    let server = Server::start(&["--accuracy-level", "1"]);
     let (prompt, max_tokens) = (PROMPTS[0], 40);
     let out = common::kiln(&[
         "generate",
@@ -127,6 +128,8 @@ fn python_client_streams_cancels_and_sees_errors() {
         &max_tokens.to_string(),
         "--threads",
         "2",
+        "--accuracy-level",
+        "1",
         "--json",
     ]);
     assert!(out.status.success(), "kiln generate: {}", String::from_utf8_lossy(&out.stderr));
@@ -314,13 +317,30 @@ async fn malformed_requests_get_their_status_codes() {
             "stop_token_ids:",
         ),
         (
-            "speculative decoding",
+            "draft model on a server without --draft",
             GenerateRequest {
-                speculative: Some(proto::SpeculativeParameters { enabled: true, draft_tokens: 4 }),
+                speculative: Some(proto::SpeculativeParameters {
+                    enabled: true,
+                    draft_tokens: 4,
+                    drafter: "model".into(),
+                }),
                 ..text("hi", 4)
             },
-            Code::Unimplemented,
-            "speculative.enabled:",
+            Code::InvalidArgument,
+            "speculative.drafter:",
+        ),
+        (
+            "draft length above 16",
+            GenerateRequest {
+                speculative: Some(proto::SpeculativeParameters {
+                    enabled: true,
+                    draft_tokens: 17,
+                    ..Default::default()
+                }),
+                ..text("hi", 4)
+            },
+            Code::InvalidArgument,
+            "speculative.draft_tokens:",
         ),
         ("100 MB message", text(&"a".repeat(100 << 20), 4), Code::OutOfRange, ""),
     ];

@@ -24,9 +24,11 @@ class Client:
         self.stub = kiln_pb2_grpc.GeneratorStub(self.channel)
 
     def generate(self, text="", token_ids=(), messages=(), max_tokens=None, timeout=None,
-                 stop=(), ignore_eos=False, logprobs=False, top_logprobs=0, echo=False, **sampling):
+                 stop=(), ignore_eos=False, logprobs=False, top_logprobs=0, echo=False, speculative=None,
+                 **sampling):
         """Starts a generation; returns the call: iterate it for GenerateResponse messages,
-        call .cancel() to stop it. `sampling` takes SamplingParameters' fields."""
+        call .cancel() to stop it. `sampling` takes SamplingParameters' fields; `speculative`
+        SpeculativeParameters' (e.g. {"enabled": True, "drafter": "prompt_lookup"})."""
         request = kiln_pb2.GenerateRequest(
             text=text,
             token_ids=list(token_ids),
@@ -38,6 +40,8 @@ class Client:
             top_logprobs=top_logprobs,
             echo=echo,
         )
+        if speculative is not None:
+            request.speculative.CopyFrom(kiln_pb2.SpeculativeParameters(**speculative))
         if max_tokens is not None:
             request.max_tokens = max_tokens
         return self.stub.Generate(request, timeout=timeout)
@@ -77,12 +81,16 @@ def main():
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    p.add_argument("--speculative", choices=["model", "prompt_lookup"], default=None,
+                   help="speculative decoding with this drafter")
     a = p.parse_args()
     sampling = {k: v for k, v in [("temperature", a.temperature), ("top_p", a.top_p), ("seed", a.seed)] if v is not None}
     client = Client(a.addr)
     source = {"messages": [("user", a.prompt)]} if a.chat else {"text": a.prompt}
+    speculative = {"enabled": True, "drafter": a.speculative} if a.speculative else None
     try:
-        for msg in client.generate(max_tokens=a.max_tokens, timeout=a.timeout, **source, **sampling):
+        for msg in client.generate(max_tokens=a.max_tokens, timeout=a.timeout, speculative=speculative,
+                                   **source, **sampling):
             sys.stdout.write(msg.text)
             sys.stdout.flush()
             if msg.HasField("finished"):
@@ -93,6 +101,10 @@ def main():
                     f"{f.timings.decode_tokens_per_second:.1f} tokens/s]",
                     file=sys.stderr,
                 )
+                if f.HasField("speculative"):
+                    x = f.speculative
+                    print(f"[speculative: {x.accepted_tokens} of {x.drafted_tokens} drafts accepted, "
+                          f"{x.tokens_per_step:.2f} tokens per step]", file=sys.stderr)
     except grpc.RpcError as e:
         print(f"\nerror: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1

@@ -90,6 +90,14 @@ def main(addr, metrics_url, expected_path):
         check(e.code() == grpc.StatusCode.INVALID_ARGUMENT, f"top_p = 1.5 gives INVALID_ARGUMENT ({e.details()})")
         check(e.details().startswith("sampling.top_p"), "the message names sampling.top_p")
 
+    # Speculative decoding by prompt lookup: the same greedy text, with its figures.
+    text, _, finished = client.complete(text=expected["prompt"], max_tokens=expected["max_tokens"],
+                                        speculative={"enabled": True, "drafter": "prompt_lookup", "draft_tokens": 4})
+    check(text == expected["text"], "speculative (prompt lookup) greedy text equals the plain one")
+    check(finished.speculative.steps > 0, f"speculative figures are reported ({finished.speculative.tokens_per_step:.2f} tokens per step)")
+    check(metric(metrics_url, "kiln_speculative_steps_total") == finished.speculative.steps,
+          "metrics count the speculative steps")
+
     info = client.model_info()
     check(info.context_length > 0 and info.vocab_size > 0 and info.execution_provider == "cpu", "ModelInfo answers")
     ids = client.tokenize("Hello world").token_ids

@@ -13,6 +13,7 @@
 pub mod chat;
 pub mod native;
 pub mod sampling;
+pub mod speculative;
 #[cfg(test)]
 mod tests;
 pub mod text;
@@ -26,7 +27,9 @@ use std::time::{Duration, Instant};
 
 use self::chat::{ChatTemplate, Message};
 use self::sampling::{Sampler, SamplingParams};
+use self::speculative::{judge, prompt_lookup, DraftMethod, DraftModel, SpecState, SpecStats, Speculation, Verdict};
 use self::text::{Detokenizer, Filtered, StopStrings};
+use crate::model::reference::argmax;
 use crate::model::tokenizer::from_file;
 use crate::model::ModelTokenizer;
 use crate::onnx::manifest::{self, Manifest};
@@ -122,6 +125,8 @@ pub struct Request {
     pub ignore_eos: bool,
     /// A prompt longer than the context keeps its last tokens instead of failing.
     pub truncate_prompt: bool,
+    /// Speculative decoding (none: plain decoding).
+    pub speculative: Option<Speculation>,
 }
 
 impl Default for Request {
@@ -134,6 +139,7 @@ impl Default for Request {
             stop_strings: Vec::new(),
             ignore_eos: false,
             truncate_prompt: false,
+            speculative: None,
         }
     }
 }
@@ -185,6 +191,8 @@ pub struct Summary {
     pub time_to_first_token: Duration,
     /// Submission to the end.
     pub total_time: Duration,
+    /// What speculative decoding did (speculative requests only).
+    pub speculative: Option<SpecStats>,
 }
 
 /// What a request's stream carries, in order: per generated token a [`Event::Token`] and,
@@ -280,7 +288,11 @@ pub struct Engine {
     template: Option<ChatTemplate>,
     slots: usize,
     context: usize,
+    has_draft: bool,
 }
+
+/// Opens a draft model on the engine's thread.
+pub type OpenDraft = Box<dyn FnOnce() -> Result<Box<dyn Forward>, RuntimeError> + Send>;
 
 /// How busy the engine is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -308,6 +320,22 @@ impl Engine {
         F: Forward + 'static,
         O: FnOnce() -> Result<F, RuntimeError> + Send + 'static,
     {
+        Engine::start_with_draft(open, None, tokenizer, options)
+    }
+
+    /// As [`start`](Self::start), with a draft model for speculative requests (same slots
+    /// as the target; its tokenizer must be the target's, which the caller checks).
+    pub fn start_with_draft<F, O>(
+        open: O,
+        draft: Option<OpenDraft>,
+        tokenizer: ModelTokenizer,
+        options: EngineOptions,
+    ) -> Result<Engine, EngineError>
+    where
+        F: Forward + 'static,
+        O: FnOnce() -> Result<F, RuntimeError> + Send + 'static,
+    {
+        let has_draft = draft.is_some();
         let template = match &tokenizer.chat_template {
             Some(source) => {
                 let text = |id: Option<u32>| id.and_then(|i| tokenizer.inner().id_to_token(i)).unwrap_or_default();
@@ -324,7 +352,20 @@ impl Engine {
         let thread = std::thread::Builder::new()
             .name("kiln-engine".into())
             .spawn(move || {
-                let model = match open() {
+                let opened = open().and_then(|m| {
+                    let draft = draft.map(|d| d()).transpose()?;
+                    if let Some(d) = &draft {
+                        if d.slots() != m.slots() {
+                            return Err(RuntimeError::Run(format!(
+                                "the draft model has {} slots, the target {}",
+                                d.slots(),
+                                m.slots()
+                            )));
+                        }
+                    }
+                    Ok((m, draft))
+                });
+                let (model, draft) = match opened {
                     Ok(m) => m,
                     Err(e) => {
                         let _ = ready_tx.send(Err(e.into()));
@@ -332,7 +373,9 @@ impl Engine {
                     }
                 };
                 let _ = ready_tx.send(Ok((model.slots(), model.max_context())));
-                Scheduler::new(model, tok, w, r).run(inbox);
+                let mut scheduler = Scheduler::new(model, tok, w, r);
+                scheduler.draft = draft.map(DraftModel::new);
+                scheduler.run(inbox);
             })
             .map_err(|e| EngineError::Model(format!("starting the engine thread: {e}")))?;
         let (slots, context) = ready.recv().map_err(|_| EngineError::ShutDown)??;
@@ -346,7 +389,13 @@ impl Engine {
             template,
             slots,
             context,
+            has_draft,
         })
+    }
+
+    /// Whether a draft model is loaded (for [`DraftMethod::Model`]).
+    pub fn has_draft(&self) -> bool {
+        self.has_draft
     }
 
     /// Sequences that run at once.
@@ -416,6 +465,20 @@ impl Engine {
         if request.stop_strings.iter().any(|s| s.is_empty()) {
             return Err(EngineError::InvalidRequest { field: "stop_strings", reason: "empty stop string".into() });
         }
+        if let Some(spec) = &request.speculative {
+            if spec.draft_tokens > speculative::MAX_DRAFT_TOKENS {
+                return Err(EngineError::InvalidRequest {
+                    field: "speculative.draft_tokens",
+                    reason: format!("{} is above {}", spec.draft_tokens, speculative::MAX_DRAFT_TOKENS),
+                });
+            }
+            if spec.method == DraftMethod::Model && !self.has_draft {
+                return Err(EngineError::InvalidRequest {
+                    field: "speculative.drafter",
+                    reason: "no draft model is loaded (prompt lookup needs none)".into(),
+                });
+            }
+        }
         let vocab = self.tokenizer.vocab_size();
         if let Some(bad) = request.stop_token_ids.iter().find(|&&i| i as usize >= vocab) {
             return Err(EngineError::InvalidRequest {
@@ -479,6 +542,10 @@ struct Sequence {
     queued: Duration,
     first_token: Option<Duration>,
     done: bool,
+    /// Speculation state (speculative requests only).
+    spec: Option<SpecState>,
+    /// Prompt and generated tokens (speculative requests only: what drafters read).
+    history: Vec<u32>,
 }
 
 impl Sequence {
@@ -491,20 +558,28 @@ impl Sequence {
             queue_time: self.queued,
             time_to_first_token: self.first_token.unwrap_or_default(),
             total_time: self.submitted.elapsed(),
+            speculative: self.spec.as_ref().map(|s| s.stats),
         };
         (self.sink)(Event::Finished(summary));
         self.done = true;
     }
 }
 
+/// The scheduler. Running sequences are packed in slots `0..n`, plain ones first (`0..p`,
+/// decoded together by one `Forward::step`), speculative ones after them (each drafted and
+/// verified by a pass of its own).
 struct Scheduler<F: Forward> {
     model: F,
+    draft: Option<DraftModel>,
     tokenizer: Arc<ModelTokenizer>,
     waiting_count: Arc<AtomicUsize>,
     running_count: Arc<AtomicUsize>,
     waiting: VecDeque<Admitted>,
     running: Vec<Sequence>,
 }
+
+/// N-gram length prompt lookup starts from.
+const LOOKUP_NGRAM: usize = 3;
 
 impl<F: Forward> Scheduler<F> {
     fn new(
@@ -513,7 +588,15 @@ impl<F: Forward> Scheduler<F> {
         waiting_count: Arc<AtomicUsize>,
         running_count: Arc<AtomicUsize>,
     ) -> Self {
-        Scheduler { model, tokenizer, waiting_count, running_count, waiting: VecDeque::new(), running: Vec::new() }
+        Scheduler {
+            model,
+            draft: None,
+            tokenizer,
+            waiting_count,
+            running_count,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+        }
     }
 
     fn run(mut self, inbox: mpsc::Receiver<Admitted>) {
@@ -542,6 +625,29 @@ impl<F: Forward> Scheduler<F> {
         }
     }
 
+    /// Plain sequences (slots `0..p`).
+    fn plain(&self) -> usize {
+        self.running.iter().take_while(|s| s.spec.is_none()).count()
+    }
+
+    /// Moves the cache of the sequence in slot `from` (of `len` positions) to slot `to`.
+    fn move_cache(&mut self, from: usize, to: usize, len: usize) -> Result<(), RuntimeError> {
+        self.model.move_slot(from, to, len)?;
+        if let Some(d) = &mut self.draft {
+            d.move_slot(from, to)?;
+        }
+        Ok(())
+    }
+
+    /// Fails every running sequence (the model is in an unknown state).
+    fn fail_all(&mut self, e: RuntimeError) {
+        let e = EngineError::from(e);
+        for seq in &mut self.running {
+            (seq.sink)(Event::Failed(e.clone()));
+        }
+        self.running.clear();
+    }
+
     /// Prefills waiting requests into free slots.
     fn admit(&mut self) {
         while self.running.len() < self.model.slots() {
@@ -550,7 +656,18 @@ impl<F: Forward> Scheduler<F> {
             if a.cancel.load(Ordering::Relaxed) {
                 continue;
             }
-            let slot = self.running.len();
+            // A plain sequence takes slot p; the speculative one there moves to the end.
+            let speculative = a.request.speculative.is_some();
+            let slot = if speculative { self.running.len() } else { self.plain() };
+            if slot < self.running.len() {
+                let (end, len) = (self.running.len(), self.running[slot].past);
+                if let Err(e) = self.move_cache(slot, end, len) {
+                    return self.fail_all(e);
+                }
+            }
+            if let Some(d) = &mut self.draft {
+                d.release(slot);
+            }
             let queued = a.submitted.elapsed();
             let logits = match self.model.extend(slot, 0, &a.prompt, 1) {
                 Ok(l) => l,
@@ -564,6 +681,8 @@ impl<F: Forward> Scheduler<F> {
             let mut seq = Sequence {
                 sampler: Sampler::new(a.request.sampling.clone(), vocab, &a.prompt),
                 stops: StopStrings::new(&a.request.stop_strings),
+                spec: a.request.speculative.map(SpecState::new),
+                history: if speculative { a.prompt.clone() } else { Vec::new() },
                 request: a.request,
                 sink: a.sink,
                 cancel: a.cancel,
@@ -579,44 +698,116 @@ impl<F: Forward> Scheduler<F> {
             };
             let row = logits.row(0);
             let row = row.as_slice().expect("logits rows are contiguous");
-            self.accept(&mut seq, row);
-            self.running.push(seq);
+            let choice = seq.sampler.choose(row);
+            self.accept(&mut seq, choice);
+            if slot < self.running.len() {
+                let moved = std::mem::replace(&mut self.running[slot], seq);
+                self.running.push(moved);
+            } else {
+                self.running.push(seq);
+            }
             self.running_count.store(self.running.len(), Ordering::Release);
-            if self.running.last().is_some_and(|s| s.done) {
+            if self.running.iter().any(|s| s.done) {
                 self.release();
             }
         }
     }
 
-    /// One decode step for every running sequence.
+    /// One decode step: the plain sequences together, then each speculative one.
     fn step(&mut self) {
         self.release();
-        if self.running.is_empty() {
-            return;
-        }
-        let rows: Vec<(u32, usize)> = self.running.iter().map(|s| (s.next, s.past)).collect();
-        match self.model.step(&rows) {
-            Ok(logits) => {
-                let mut running = std::mem::take(&mut self.running);
-                for (seq, row) in running.iter_mut().zip(logits.rows()) {
-                    seq.past += 1;
-                    self.accept(seq, row.as_slice().expect("logits rows are contiguous"));
+        let p = self.plain();
+        if p > 0 {
+            let rows: Vec<(u32, usize)> = self.running[..p].iter().map(|s| (s.next, s.past)).collect();
+            match self.model.step(&rows) {
+                Ok(logits) => {
+                    let mut running = std::mem::take(&mut self.running);
+                    for (seq, row) in running.iter_mut().zip(logits.rows()) {
+                        seq.past += 1;
+                        let choice = seq.sampler.choose(row.as_slice().expect("logits rows are contiguous"));
+                        self.accept(seq, choice);
+                    }
+                    self.running = running;
                 }
-                self.running = running;
-            }
-            Err(e) => {
-                let e = EngineError::from(e);
-                for seq in &mut self.running {
-                    (seq.sink)(Event::Failed(e.clone()));
-                    seq.done = true;
+                Err(e) => {
+                    let e = EngineError::from(e);
+                    for seq in &mut self.running[..p] {
+                        (seq.sink)(Event::Failed(e.clone()));
+                        seq.done = true;
+                    }
                 }
             }
         }
+        let mut running = std::mem::take(&mut self.running);
+        for (slot, seq) in running.iter_mut().enumerate().skip(p) {
+            if seq.done || seq.cancel.load(Ordering::Relaxed) {
+                continue;
+            }
+            if let Err(e) = self.speculate(slot, seq) {
+                (seq.sink)(Event::Failed(e.into()));
+                seq.done = true;
+            }
+        }
+        self.running = running;
     }
 
-    /// Chooses `seq`'s next token from `logits`, streams it, and decides whether it ends.
-    fn accept(&self, seq: &mut Sequence, logits: &[f32]) {
-        let choice = seq.sampler.choose(logits);
+    /// Drafts for `seq` (in `slot`), verifies the drafts in one target pass and streams
+    /// what stands.
+    fn speculate(&mut self, slot: usize, seq: &mut Sequence) -> Result<(), RuntimeError> {
+        let spec = seq.spec.as_mut().expect("speculative sequence");
+        // Room for the drafts and the token after them, in the output and in the context.
+        let room = (seq.request.max_new_tokens - seq.generated).min(self.model.max_context() - seq.past);
+        let k = spec.k.min(room.saturating_sub(1));
+        let t = Instant::now();
+        let drafts = match (spec.settings.method, &mut self.draft) {
+            (_, _) if k == 0 => Vec::new(),
+            (DraftMethod::PromptLookup, _) => prompt_lookup(&seq.history, k, LOOKUP_NGRAM),
+            (DraftMethod::Model, Some(d)) => {
+                let mut fork = seq.sampler.fork();
+                d.draft(slot, &seq.history, k, &mut fork)?
+            }
+            (DraftMethod::Model, None) => Vec::new(),
+        };
+        spec.stats.draft_time += t.elapsed();
+        let t = Instant::now();
+        let mut input = Vec::with_capacity(drafts.len() + 1);
+        input.push(seq.next);
+        input.extend(drafts.iter().map(|d| d.token));
+        let logits = self.model.extend(slot, seq.past, &input, input.len())?;
+        let spec = seq.spec.as_mut().expect("speculative sequence");
+        spec.stats.verify_time += t.elapsed();
+        spec.stats.steps += 1;
+        spec.stats.drafted += drafts.len();
+        let mut accepted = 0;
+        for (j, row) in logits.rows().into_iter().enumerate() {
+            let row = row.as_slice().expect("logits rows are contiguous");
+            let p = seq.sampler.probabilities(row);
+            let (token, last) = match drafts.get(j) {
+                Some(d) => match judge(&mut seq.sampler, &p, d, true) {
+                    Verdict::Accept => (d.token, false),
+                    Verdict::Replace(t) => (t, true),
+                },
+                // All drafts stood: a bonus token from the target.
+                None => (seq.sampler.draw_from(&p).unwrap_or_else(|| argmax(row.into())), true),
+            };
+            if !last {
+                accepted += 1;
+                // Counted before the token is streamed: it may end the request (and its summary).
+                seq.spec.as_mut().expect("speculative sequence").stats.accepted += 1;
+            }
+            seq.past += 1;
+            let choice = seq.sampler.take(token, row);
+            self.accept(seq, choice);
+            if seq.done || last {
+                break;
+            }
+        }
+        seq.spec.as_mut().expect("speculative sequence").adapt(drafts.len(), accepted);
+        Ok(())
+    }
+
+    /// Streams `choice` for `seq` and decides whether it ends.
+    fn accept(&self, seq: &mut Sequence, choice: sampling::Choice) {
         let id = choice.id;
         if seq.first_token.is_none() {
             seq.first_token = Some(seq.submitted.elapsed());
@@ -632,6 +823,9 @@ impl<F: Forward> Scheduler<F> {
             return self.finish(seq, reason);
         }
         seq.generated += 1;
+        if seq.spec.is_some() {
+            seq.history.push(id);
+        }
         if !(seq.sink)(Event::Token(choice)) {
             seq.done = true;
             return;
@@ -685,7 +879,9 @@ impl<F: Forward> Scheduler<F> {
         seq.done = true;
     }
 
-    /// Removes finished and cancelled sequences, moving the last one into each freed slot.
+    /// Removes finished and cancelled sequences. A plain sequence's slot takes the last plain
+    /// one, whose slot takes the last speculative one; a speculative sequence's slot takes
+    /// the last one. One cache copy each, and the partition stays.
     fn release(&mut self) {
         let mut i = 0;
         while i < self.running.len() {
@@ -693,21 +889,34 @@ impl<F: Forward> Scheduler<F> {
             if !seq.done && seq.cancel.load(Ordering::Relaxed) {
                 seq.end(FinishReason::Cancelled);
             }
-            if self.running[i].done {
-                let last = self.running.len() - 1;
-                if i != last {
-                    if let Err(e) = self.model.move_slot(last, i, self.running[last].past) {
-                        let e = EngineError::from(e);
-                        for seq in &mut self.running {
-                            (seq.sink)(Event::Failed(e.clone()));
-                        }
-                        self.running.clear();
-                        return;
-                    }
-                }
-                self.running.swap_remove(i);
-            } else {
+            if !self.running[i].done {
                 i += 1;
+                continue;
+            }
+            let p = self.plain();
+            let last = self.running.len() - 1;
+            let mut moves = Vec::new();
+            if i < p {
+                if i != p - 1 {
+                    moves.push((p - 1, i));
+                }
+                if p - 1 != last {
+                    moves.push((last, p - 1));
+                }
+            } else if i != last {
+                moves.push((last, i));
+            }
+            for (from, to) in moves {
+                let len = self.running[from].past;
+                if let Err(e) = self.move_cache(from, to, len) {
+                    return self.fail_all(e);
+                }
+            }
+            if i < p {
+                self.running.swap(i, p - 1);
+                self.running.swap_remove(p - 1);
+            } else {
+                self.running.swap_remove(i);
             }
         }
     }
@@ -723,6 +932,35 @@ impl<F: Forward> Scheduler<F> {
         self.waiting.clear();
         self.running_count.store(0, Ordering::Release);
     }
+}
+
+/// Opens the artifact in `draft` as a draft model for `target` (same vocabulary, checked by
+/// the vocabulary hashes of both manifests), with `slots` slots of `context` positions.
+pub fn draft_opener(
+    draft: &Path,
+    target: &Manifest,
+    session: &crate::runtime::SessionOptions,
+    slots: usize,
+    context: usize,
+) -> Result<OpenDraft, EngineError> {
+    let m = Manifest::read(draft).map_err(|e| EngineError::Model(e.to_string()))?;
+    if m.tokenizer.vocab_sha256 != target.tokenizer.vocab_sha256 {
+        return Err(EngineError::InvalidRequest {
+            field: "draft",
+            reason: format!(
+                "{} has another vocabulary than {} (vocabulary sha256 {} vs {})",
+                draft.display(),
+                target.name,
+                &m.tokenizer.vocab_sha256[..16.min(m.tokenizer.vocab_sha256.len())],
+                &target.tokenizer.vocab_sha256[..16.min(target.tokenizer.vocab_sha256.len())]
+            ),
+        });
+    }
+    let (dir, session, context) = (draft.to_path_buf(), session.clone(), context.min(m.max_context));
+    Ok(Box::new(move || {
+        let d = crate::runtime::ServingDecoder::open(&dir, &session, slots, context)?;
+        Ok(Box::new(d) as Box<dyn Forward>)
+    }))
 }
 
 /// The tokenizer of the artifact in `dir`, with its special ids and chat template.

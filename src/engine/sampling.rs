@@ -98,6 +98,7 @@ pub struct Choice {
 }
 
 /// A request's sampling state: its parameters, random stream and output counts.
+#[derive(Clone)]
 pub struct Sampler {
     params: SamplingParams,
     rng: ChaCha8Rng,
@@ -134,9 +135,18 @@ impl Sampler {
 
     /// Chooses the next token from `logits` and records it as generated.
     pub fn choose(&mut self, logits: &[f32]) -> Choice {
+        let id = self.pick(logits);
+        self.take(id, logits)
+    }
+
+    fn penalized(&self) -> bool {
         let p = &self.params;
-        let penalized = p.repetition_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0;
-        let id = match (penalized, p.temperature == 0.0) {
+        p.repetition_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0
+    }
+
+    /// The token the request's settings pick from `logits` (nothing recorded).
+    fn pick(&mut self, logits: &[f32]) -> u32 {
+        match (self.penalized(), self.params.temperature == 0.0) {
             (false, true) => argmax(logits.into()),
             (false, false) => self.sample(logits),
             (true, greedy) => {
@@ -148,7 +158,11 @@ impl Sampler {
                     self.sample(&l)
                 }
             }
-        };
+        }
+    }
+
+    /// Records `id` as generated and reports it with its log-probability under `logits`.
+    pub fn take(&mut self, id: u32, logits: &[f32]) -> Choice {
         self.record(id);
         let (logprob, top) = if self.params.logprobs || self.params.top_logprobs > 0 {
             let (lse, top) = log_softmax_top(logits, self.params.top_logprobs);
@@ -182,7 +196,34 @@ impl Sampler {
         let w = &mut self.weights;
         w.clear();
         w.extend(l.iter().map(|&v| exp_nonpositive((v - max) * inv_t)));
-        let u = (self.rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        let u = self.uniform();
+        if !self.restrict() {
+            return draw(&self.weights, u).unwrap_or_else(|| argmax(l.into()));
+        }
+        let c = &self.scratch;
+        let total: f64 = c.iter().map(|x| x.0 as f64).sum();
+        let target = u * total;
+        let mut acc = 0f64;
+        for &(x, id) in c.iter() {
+            acc += x as f64;
+            if target < acc {
+                return id;
+            }
+        }
+        c.last().map_or_else(|| argmax(l.into()), |x| x.1)
+    }
+
+    /// A uniform draw from [0, 1) of the request's random stream.
+    pub fn uniform(&mut self) -> f64 {
+        (self.rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Applies top-k, top-p and min-p to `self.weights`: without top-k and top-p the weights
+    /// are cut in place and `false` is returned; otherwise the kept `(weight, id)` pairs are
+    /// left in `self.scratch`, most likely first where it matters, and `true` is returned.
+    fn restrict(&mut self) -> bool {
+        let p = &self.params;
+        let w = &mut self.weights;
         if p.top_k == 0 && p.top_p >= 1.0 {
             if p.min_p > 0.0 {
                 for x in w.iter_mut() {
@@ -191,7 +232,7 @@ impl Sampler {
                     }
                 }
             }
-            return draw(w, u).unwrap_or_else(|| argmax(l.into()));
+            return false;
         }
         // Candidates as (weight, id), most likely first where it matters.
         let c = &mut self.scratch;
@@ -208,19 +249,59 @@ impl Sampler {
             // The most likely token (weight 1) survives top-k and top-p.
             c.retain(|x| x.0 >= p.min_p);
         }
-        let total: f64 = c.iter().map(|x| x.0 as f64).sum();
-        let target = u * total;
-        let mut acc = 0f64;
-        for &(x, id) in c.iter() {
-            acc += x as f64;
-            if target < acc {
-                return id;
-            }
-        }
-        c.last().map_or_else(|| argmax(l.into()), |x| x.1)
+        true
     }
 
-    fn record(&mut self, id: u32) {
+    /// The distribution this request samples its next token from, given `logits`: penalties,
+    /// temperature, top-k, top-p and min-p applied, normalized; one-hot when greedy. What
+    /// speculative verification tests draft tokens against.
+    pub fn probabilities(&mut self, logits: &[f32]) -> Vec<f32> {
+        let mut out = vec![0f32; logits.len()];
+        let l = if self.penalized() {
+            let mut l = logits.to_vec();
+            self.apply_penalties(&mut l);
+            std::borrow::Cow::Owned(l)
+        } else {
+            std::borrow::Cow::Borrowed(logits)
+        };
+        if self.params.temperature == 0.0 {
+            out[argmax(l.as_ref().into()) as usize] = 1.0;
+            return out;
+        }
+        let inv_t = 1.0 / self.params.temperature;
+        let max = l.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        self.weights.clear();
+        self.weights.extend(l.iter().map(|&v| exp_nonpositive((v - max) * inv_t)));
+        if self.restrict() {
+            for &(x, id) in &self.scratch {
+                out[id as usize] = x;
+            }
+        } else {
+            out.copy_from_slice(&self.weights);
+        }
+        let total: f64 = out.iter().map(|&x| x as f64).sum();
+        let scale = (1.0 / total) as f32;
+        out.iter_mut().for_each(|x| *x *= scale);
+        out
+    }
+
+    /// One draw from `weights` (not necessarily normalized) with the request's random stream;
+    /// `None` when every weight is 0.
+    pub fn draw_from(&mut self, weights: &[f32]) -> Option<u32> {
+        let u = self.uniform();
+        draw(weights, u)
+    }
+
+    /// A copy of this state with an independent random stream (seeded from this one), for a
+    /// drafter that samples ahead without touching the request's own draws.
+    pub fn fork(&mut self) -> Sampler {
+        let mut copy = self.clone();
+        copy.rng = ChaCha8Rng::seed_from_u64(self.rng.next_u64());
+        copy
+    }
+
+    /// Records `id` as generated (the penalties' counts) without reporting it.
+    pub fn record(&mut self, id: u32) {
         if let Some(s) = self.seen.get_mut(id as usize) {
             *s = true;
         }

@@ -17,10 +17,12 @@ struct Fake {
     context: usize,
     steps: Arc<AtomicUsize>,
     delay: Duration,
+    /// 0 for the target; a draft with another salt disagrees with it.
+    salt: u64,
 }
 
-fn logits(history: &[u32]) -> Vec<f32> {
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
+fn logits(history: &[u32], salt: u64) -> Vec<f32> {
+    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ salt;
     for &t in history {
         h = (h ^ t as u64).wrapping_mul(0x0100_0000_01b3);
     }
@@ -52,7 +54,7 @@ impl Forward for Fake {
         for (i, &t) in tokens.iter().enumerate() {
             h.push(t);
             if i + last >= tokens.len() {
-                rows.extend(logits(h));
+                rows.extend(logits(h, self.salt));
             }
         }
         Ok(Array2::from_shape_vec((last, VOCAB), rows).expect("rows"))
@@ -66,7 +68,7 @@ impl Forward for Fake {
             let h = &mut self.history[slot];
             assert_eq!(h.len(), past, "slot {slot} holds {} positions, the engine says {past}", h.len());
             h.push(token);
-            out.extend(logits(h));
+            out.extend(logits(h, self.salt));
         }
         Ok(Array2::from_shape_vec((rows.len(), VOCAB), out).expect("rows"))
     }
@@ -103,7 +105,7 @@ fn tokenizer() -> ModelTokenizer {
 fn engine(slots: usize, queue: usize, delay: Duration) -> (Engine, Arc<AtomicUsize>) {
     let steps = Arc::new(AtomicUsize::new(0));
     let s = steps.clone();
-    let open = move || Ok(Fake { history: vec![Vec::new(); slots], context: 64, steps: s, delay });
+    let open = move || Ok(Fake { history: vec![Vec::new(); slots], context: 64, steps: s, delay, salt: 0 });
     (Engine::start(open, tokenizer(), EngineOptions { queue_capacity: queue }).expect("engine"), steps)
 }
 
@@ -277,4 +279,90 @@ fn bad_requests_name_their_field() {
         ..Default::default()
     };
     assert!(matches!(err(chat), EngineError::InvalidRequest { field: "messages", .. }), "no chat template");
+}
+
+/// An engine whose draft model is a fake with `salt` (0: it agrees with the target).
+fn engine_with_draft(slots: usize, salt: u64) -> Engine {
+    let fake = move |salt| Fake {
+        history: vec![Vec::new(); slots],
+        context: 64,
+        steps: Arc::new(AtomicUsize::new(0)),
+        delay: Duration::ZERO,
+        salt,
+    };
+    let draft: OpenDraft = Box::new(move || Ok(Box::new(fake(salt)) as Box<dyn Forward>));
+    Engine::start_with_draft(move || Ok(fake(0)), Some(draft), tokenizer(), EngineOptions { queue_capacity: 16 })
+        .expect("engine")
+}
+
+fn speculative(method: DraftMethod, draft_tokens: usize) -> Option<Speculation> {
+    Some(Speculation { method, draft_tokens })
+}
+
+#[test]
+fn speculative_greedy_output_equals_plain_decoding() {
+    let plain = engine(1, 8, Duration::ZERO).0;
+    // Prompts with repeats, so prompt lookup finds n-grams.
+    let prompts: [&[u32]; 3] = [&[3, 4, 5, 3, 4, 5, 3, 4], &[7], &[9, 10, 9, 10, 9]];
+    for (salt, what) in [(0, "a perfect draft"), (99, "a bad draft")] {
+        let e = engine_with_draft(1, salt);
+        for prompt in prompts {
+            let base = request(prompt, |r| (r.max_new_tokens, r.ignore_eos) = (40, true));
+            let want = plain.submit(base.clone()).expect("submit").collect().expect("plain");
+            for method in [DraftMethod::Model, DraftMethod::PromptLookup] {
+                for k in [0, 1, 4, 8] {
+                    let mut r = base.clone();
+                    r.speculative = speculative(method, k);
+                    let got = e.submit(r).expect("submit").collect().expect("speculative");
+                    assert_eq!(got.token_ids, want.token_ids, "{what}, {method:?}, K = {k}, prompt {prompt:?}");
+                    assert_eq!(got.text, want.text);
+                    let stats = got.summary.expect("summary").speculative.expect("stats");
+                    assert_eq!(stats.steps + stats.accepted + 1, 40, "every token is a prefill, accepted or step token: {what}, {method:?}, K = {k}, {prompt:?}, {stats:?}");
+                    if method == DraftMethod::Model && salt == 0 && k > 0 {
+                        assert_eq!(stats.accepted, stats.drafted, "a perfect draft is always accepted");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn speculative_and_plain_sequences_share_the_batch() {
+    // Staggered mixes of plain and speculative requests in three slots (slots are reused and
+    // moved across the plain/speculative boundary) give what each gives alone.
+    let mixed = || {
+        let mut rs = requests();
+        for (i, r) in rs.iter_mut().enumerate() {
+            if i % 2 == 0 {
+                let method = if i % 4 == 0 { DraftMethod::Model } else { DraftMethod::PromptLookup };
+                r.speculative = speculative(method, i % 3 * 3);
+            }
+        }
+        rs
+    };
+    let alone: Vec<Output> = mixed()
+        .into_iter()
+        .map(|r| engine_with_draft(3, 7).submit(r).expect("submit").collect().expect("output"))
+        .collect();
+    for _ in 0..3 {
+        let e = engine_with_draft(3, 7);
+        let running: Vec<Generation> = mixed().into_iter().map(|r| e.submit(r).expect("submit")).collect();
+        for (i, (g, want)) in running.into_iter().zip(&alone).enumerate() {
+            let got = g.collect().expect("output");
+            assert_eq!(got.token_ids, want.token_ids, "request {i}");
+            assert_eq!(got.text, want.text, "request {i}");
+        }
+    }
+}
+
+#[test]
+fn a_speculative_request_needs_a_draft_model_when_it_names_one() {
+    let (e, _) = engine(1, 2, Duration::ZERO);
+    let r = request(&[3], |r| r.speculative = speculative(DraftMethod::Model, 4));
+    let err = e.submit(r).err().expect("refused");
+    assert!(matches!(err, EngineError::InvalidRequest { field: "speculative.drafter", .. }), "{err}");
+    let r = request(&[3], |r| r.speculative = speculative(DraftMethod::PromptLookup, 17));
+    let err = e.submit(r).err().expect("refused");
+    assert!(matches!(err, EngineError::InvalidRequest { field: "speculative.draft_tokens", .. }), "{err}");
 }

@@ -59,6 +59,9 @@ pub struct Metrics {
     generated_tokens: AtomicU64,
     finished: [AtomicU64; REASONS.len()],
     rejected: AtomicU64,
+    spec_steps: AtomicU64,
+    spec_drafted: AtomicU64,
+    spec_accepted: AtomicU64,
 }
 
 /// How a request ended, for [`Metrics::finish`].
@@ -84,6 +87,11 @@ impl Metrics {
         self.duration.observe(s.total_time);
         self.prompt_tokens.fetch_add(s.prompt_tokens as u64, Ordering::Relaxed);
         self.generated_tokens.fetch_add(s.generated_tokens as u64, Ordering::Relaxed);
+        if let Some(x) = &s.speculative {
+            self.spec_steps.fetch_add(x.steps as u64, Ordering::Relaxed);
+            self.spec_drafted.fetch_add(x.drafted as u64, Ordering::Relaxed);
+            self.spec_accepted.fetch_add(x.accepted as u64, Ordering::Relaxed);
+        }
     }
 
     /// Counts a request by how it ended.
@@ -136,6 +144,24 @@ impl Metrics {
             "kiln_requests_rejected_total",
             "Requests refused before running (invalid, queue full, unavailable).",
             self.rejected.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "kiln_speculative_steps_total",
+            "Speculative verification passes.",
+            self.spec_steps.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "kiln_speculative_drafted_tokens_total",
+            "Tokens drafted for speculative requests.",
+            self.spec_drafted.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "kiln_speculative_accepted_tokens_total",
+            "Drafted tokens the target accepted (acceptance rate = accepted / drafted).",
+            self.spec_accepted.load(Ordering::Relaxed),
         );
         let name = "kiln_requests_total";
         let _ = writeln!(out, "# HELP {name} Generation requests by how they ended.\n# TYPE {name} counter");

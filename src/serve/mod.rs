@@ -21,7 +21,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use self::metrics::Metrics;
 use self::service::{Limits, Service, Shared};
-use crate::engine::{artifact_tokenizer, Engine, EngineOptions};
+use crate::engine::{artifact_tokenizer, draft_opener, Engine, EngineOptions, OpenDraft};
 use crate::onnx::manifest::Manifest;
 use crate::runtime::{ServingDecoder, SessionOptions};
 
@@ -39,6 +39,8 @@ pub mod proto {
 pub struct ServeOptions {
     /// The artifact directory.
     pub artifact: PathBuf,
+    /// A draft artifact for speculative decoding (same tokenizer).
+    pub draft: Option<PathBuf>,
     /// gRPC address (port 0 picks a free port; the bound address is printed).
     pub addr: SocketAddr,
     /// Prometheus `/metrics` address, if any.
@@ -79,6 +81,8 @@ pub fn run(opts: ServeOptions) -> Result<()> {
         max_tokens_limit: opts.max_tokens,
         default_max_tokens: opts.default_max_tokens,
         eos_token_ids: tokenizer.eos_ids.clone(),
+        speculative_available: true,
+        draft_model: opts.draft.as_ref().map(|d| d.display().to_string()).unwrap_or_default(),
         ..Default::default()
     };
     let limits = Limits { max_tokens: opts.max_tokens, default_max_tokens: opts.default_max_tokens };
@@ -89,13 +93,18 @@ pub fn run(opts: ServeOptions) -> Result<()> {
         .thread_name("kiln-grpc")
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(serve(opts, context, tokenizer, shared))
+    let draft = match &opts.draft {
+        Some(d) => Some(draft_opener(d, &manifest, &opts.session, opts.max_sequences, context)?),
+        None => None,
+    };
+    runtime.block_on(serve(opts, context, tokenizer, draft, shared))
 }
 
 async fn serve(
     opts: ServeOptions,
     context: usize,
     tokenizer: crate::model::ModelTokenizer,
+    draft: Option<OpenDraft>,
     shared: Arc<Shared>,
 ) -> Result<()> {
     let listener = TcpListener::bind(opts.addr).await.with_context(|| format!("binding --addr {}", opts.addr))?;
@@ -122,7 +131,7 @@ async fn serve(
     let engine_options = EngineOptions { queue_capacity: opts.queue_capacity };
     let load = tokio::task::spawn_blocking(move || {
         let open = move || ServingDecoder::open(&dir, &session, slots, context);
-        Engine::start(open, tokenizer, engine_options)
+        Engine::start_with_draft(open, draft, tokenizer, engine_options)
     });
     let (loaded_shared, loaded_health) = (shared.clone(), health.clone());
     let loaded = async move {

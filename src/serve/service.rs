@@ -17,10 +17,8 @@ use super::metrics::{Metrics, Outcome};
 use super::proto;
 use crate::engine::chat::Message;
 use crate::engine::sampling::{Choice, SamplingParams};
+use crate::engine::speculative::{DraftMethod, Speculation, MAX_DRAFT_TOKENS};
 use crate::engine::{self, CancelHandle, Engine, EngineError, Event, FinishReason, Prompt, Summary};
-
-/// Most draft tokens a request may ask for.
-const MAX_DRAFT_TOKENS: u32 = 16;
 
 /// Per-request limits of the server.
 #[derive(Debug, Clone, Copy)]
@@ -83,7 +81,8 @@ impl proto::generator_server::Generator for Service {
         let deadline = grpc_timeout(request.metadata());
         let started = (|| {
             let engine = shared.ready()?;
-            let (r, input) = engine_request(request.into_inner(), shared.limits, engine.tokenizer().vocab_size())?;
+            let vocab = engine.tokenizer().vocab_size();
+            let (r, input) = engine_request(request.into_inner(), shared.limits, vocab, engine.has_draft())?;
             let echo =
                 if r.echo { engine.prompt_ids(&r.request.prompt).map_err(|e| status(&e, input))? } else { vec![] };
             let (tx, rx) = mpsc::unbounded_channel();
@@ -163,7 +162,12 @@ struct Mapped {
 }
 
 /// Checks `r` and maps it onto an engine request; also returns the name of its input field.
-fn engine_request(r: proto::GenerateRequest, limits: Limits, vocab: usize) -> Result<(Mapped, &'static str), Status> {
+fn engine_request(
+    r: proto::GenerateRequest,
+    limits: Limits,
+    vocab: usize,
+    has_draft: bool,
+) -> Result<(Mapped, &'static str), Status> {
     let bad = |field: &str, reason: String| Status::invalid_argument(format!("{field}: {reason}"));
     let given: Vec<&str> = [
         (!r.text.is_empty()).then_some("text"),
@@ -214,16 +218,30 @@ fn engine_request(r: proto::GenerateRequest, limits: Limits, vocab: usize) -> Re
     if let Some(bad_id) = r.stop_token_ids.iter().find(|&&i| i as usize >= vocab) {
         return Err(bad("stop_token_ids", format!("token id {bad_id} is outside the vocabulary of {vocab}")));
     }
-    if let Some(spec) = r.speculative {
-        if spec.draft_tokens > MAX_DRAFT_TOKENS {
-            return Err(bad("speculative.draft_tokens", format!("{} is above {MAX_DRAFT_TOKENS}", spec.draft_tokens)));
+    let speculative = match r.speculative {
+        Some(spec) => {
+            if spec.draft_tokens as usize > MAX_DRAFT_TOKENS {
+                return Err(bad(
+                    "speculative.draft_tokens",
+                    format!("{} is above {MAX_DRAFT_TOKENS}", spec.draft_tokens),
+                ));
+            }
+            let method = match spec.drafter.as_str() {
+                "" if has_draft => DraftMethod::Model,
+                "" | "prompt_lookup" => DraftMethod::PromptLookup,
+                "model" if has_draft => DraftMethod::Model,
+                "model" => return Err(bad("speculative.drafter", "the server was started without --draft".into())),
+                other => {
+                    return Err(bad(
+                        "speculative.drafter",
+                        format!("{other:?} is not a drafter (\"model\", \"prompt_lookup\")"),
+                    ))
+                }
+            };
+            spec.enabled.then_some(Speculation { method, draft_tokens: spec.draft_tokens as usize })
         }
-        if spec.enabled {
-            return Err(Status::unimplemented(
-                "speculative.enabled: this server has no speculative decoding (ModelInfo.speculative_available)",
-            ));
-        }
-    }
+        None => None,
+    };
     let request = engine::Request {
         prompt,
         sampling,
@@ -232,6 +250,7 @@ fn engine_request(r: proto::GenerateRequest, limits: Limits, vocab: usize) -> Re
         stop_strings: r.stop,
         ignore_eos: r.ignore_eos,
         truncate_prompt: r.truncate_prompt,
+        speculative,
     };
     Ok((Mapped { request, echo: r.echo }, input))
 }
@@ -416,6 +435,15 @@ fn finished(s: &Summary) -> proto::Finished {
             total_seconds: total,
             decode_tokens_per_second: decode,
         }),
+        speculative: s.speculative.map(|x| proto::SpeculativeStats {
+            steps: x.steps as u32,
+            drafted_tokens: x.drafted as u32,
+            accepted_tokens: x.accepted as u32,
+            acceptance_rate: x.acceptance_rate(),
+            tokens_per_step: x.tokens_per_step(),
+            draft_seconds: x.draft_time.as_secs_f64(),
+            verify_seconds: x.verify_time.as_secs_f64(),
+        }),
     }
 }
 
@@ -426,7 +454,7 @@ mod tests {
     const LIMITS: Limits = Limits { max_tokens: 512, default_max_tokens: 64 };
 
     fn map(r: proto::GenerateRequest) -> Result<engine::Request, Status> {
-        engine_request(r, LIMITS, 100).map(|(m, _)| m.request)
+        engine_request(r, LIMITS, 100, false).map(|(m, _)| m.request)
     }
 
     fn text(t: &str) -> proto::GenerateRequest {
@@ -448,7 +476,7 @@ mod tests {
 
     #[test]
     fn bad_fields_are_named() {
-        use tonic::Code::{InvalidArgument, Unimplemented};
+        use tonic::Code::InvalidArgument;
         let (code, msg) = refused(proto::GenerateRequest::default());
         assert_eq!(code, InvalidArgument);
         assert!(msg.starts_with("text: the input is empty"), "{msg}");
@@ -470,14 +498,18 @@ mod tests {
         assert!(msg.starts_with("stop_token_ids: token id 100"), "{msg}");
         let (_, msg) = refused(proto::GenerateRequest { top_logprobs: 21, ..text("a") });
         assert!(msg.starts_with("top_logprobs:"), "{msg}");
-        let spec = |enabled, draft_tokens| proto::GenerateRequest {
-            speculative: Some(proto::SpeculativeParameters { enabled, draft_tokens }),
+        let spec = |enabled, draft_tokens, drafter: &str| proto::GenerateRequest {
+            speculative: Some(proto::SpeculativeParameters { enabled, draft_tokens, drafter: drafter.into() }),
             ..text("a")
         };
-        let (code, msg) = refused(spec(false, 17));
+        let (code, msg) = refused(spec(false, 17, ""));
         assert_eq!((code, msg.starts_with("speculative.draft_tokens:")), (InvalidArgument, true), "{msg}");
-        assert_eq!(refused(spec(true, 4)).0, Unimplemented);
-        assert!(map(spec(false, 4)).is_ok(), "speculation off is plain decoding");
+        let (code, msg) = refused(spec(true, 4, "model"));
+        assert_eq!((code, msg.starts_with("speculative.drafter:")), (InvalidArgument, true), "{msg}");
+        assert!(refused(spec(true, 4, "oracle")).1.starts_with("speculative.drafter:"));
+        assert_eq!(map(spec(false, 4, "")).expect("valid").speculative, None, "speculation off is plain decoding");
+        let lookup = Some(Speculation { method: DraftMethod::PromptLookup, draft_tokens: 4 });
+        assert_eq!(map(spec(true, 4, "")).expect("valid").speculative, lookup, "no draft model: prompt lookup");
     }
 
     #[test]

@@ -3,6 +3,8 @@
 //! decode speed at short and at long context, and aggregate decode throughput of concurrent
 //! streams through the engine.
 
+pub mod speculative;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
