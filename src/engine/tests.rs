@@ -87,7 +87,9 @@ fn tokenizer() -> ModelTokenizer {
         vocab.insert(w.to_string(), i.into());
     }
     for i in 3..VOCAB {
-        let w = format!("{}{}", (b'a' + (i % 26) as u8) as char, (b'a' + (i * 7 % 26) as u8) as char);
+        // i and i + 26 share the first letter; the second differs by 13, so words are unique.
+        let second = ((i / 26) * 13 + i * 7 % 13) % 26;
+        let w = format!("{}{}", (b'a' + (i % 26) as u8) as char, (b'a' + second as u8) as char);
         vocab.insert(w, i.into());
     }
     let doc = serde_json::json!({
@@ -99,6 +101,7 @@ fn tokenizer() -> ModelTokenizer {
         "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"},
     });
     let inner: tokenizers::Tokenizer = doc.to_string().parse().expect("tokenizer");
+    assert_eq!(inner.get_vocab_size(true), VOCAB, "every id has its own word");
     ModelTokenizer::new(inner, Some(2), vec![EOS], None)
 }
 
