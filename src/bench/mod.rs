@@ -144,12 +144,15 @@ pub fn bench_artifact(dir: &Path, opts: &BenchOptions) -> Result<BenchRow, Bench
     })
 }
 
+/// The sentence bench prompts repeat (a little over 8 tokens per repetition).
+pub const BENCH_SENTENCE: &str =
+    "The old lighthouse keeper climbed the spiral stairs each evening, counting the steps, \
+                                  listening to the sea, and writing down the names of the ships that passed. ";
+
 /// `n` token ids of a fixed English text, for prompts.
 fn prompt_tokens(dir: &Path, m: &Manifest, n: usize) -> Result<Vec<u32>, BenchError> {
     let tok = artifact_tokenizer(dir, m).map_err(|e| e.to_string())?;
-    let sentence = "The old lighthouse keeper climbed the spiral stairs each evening, counting the steps, \
-                    listening to the sea, and writing down the names of the ships that passed. ";
-    let ids = tok.encode(&sentence.repeat(n / 8 + 1)).map_err(|e| e.to_string())?;
+    let ids = tok.encode(&BENCH_SENTENCE.repeat(n / 8 + 1)).map_err(|e| e.to_string())?;
     if ids.len() < n + 16 {
         return Err(format!("the bench text gives {} tokens, {} needed", ids.len(), n + 16));
     }

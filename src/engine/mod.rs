@@ -413,11 +413,6 @@ impl Engine {
         Load { running: self.running.load(Ordering::Acquire), waiting: self.waiting.load(Ordering::Acquire) }
     }
 
-    /// Requests that may wait for a slot.
-    pub fn queue_capacity(&self) -> usize {
-        self.options.queue_capacity
-    }
-
     /// The tokenizer.
     pub fn tokenizer(&self) -> &ModelTokenizer {
         &self.tokenizer

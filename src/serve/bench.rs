@@ -8,7 +8,7 @@ use tonic::transport::Channel;
 
 use super::proto::generator_client::GeneratorClient;
 use super::proto::{GenerateRequest, TokenizeRequest};
-use crate::bench::{SHORT_PROMPT, TTFT_PROMPT};
+use crate::bench::{BENCH_SENTENCE, SHORT_PROMPT, TTFT_PROMPT};
 
 /// Figures of one stream count.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -59,10 +59,8 @@ pub fn bench_grpc(addr: &str, tokens: usize, streams: &[usize]) -> Result<(f64, 
             .await
             .map_err(|e| format!("connecting to {addr}: {e}"))?;
         let mut client = GeneratorClient::new(channel);
-        let sentence = "The old lighthouse keeper climbed the spiral stairs each evening, counting the steps, \
-                        listening to the sea, and writing down the names of the ships that passed. ";
         let max = streams.iter().copied().max().unwrap_or(1);
-        let text = sentence.repeat((TTFT_PROMPT + max + SHORT_PROMPT) / 8);
+        let text = BENCH_SENTENCE.repeat((TTFT_PROMPT + max + SHORT_PROMPT) / 8);
         let ids = client
             .tokenize(TokenizeRequest { text, add_special_tokens: false })
             .await
