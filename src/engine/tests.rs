@@ -277,6 +277,10 @@ fn bad_requests_name_their_field() {
         err(request(&[3], |r| r.stop_strings = vec![String::new()])),
         EngineError::InvalidRequest { field: "stop_strings", .. }
     ));
+    assert!(matches!(
+        err(request(&[3], |r| r.stop_token_ids = vec![VOCAB as u32])),
+        EngineError::InvalidRequest { field: "stop_token_ids", .. }
+    ));
     let chat = Request {
         prompt: Prompt::Chat(vec![Message { role: "user".into(), content: "hi".into() }]),
         ..Default::default()

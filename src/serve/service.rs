@@ -81,11 +81,18 @@ impl proto::generator_server::Generator for Service {
         let deadline = grpc_timeout(request.metadata());
         let started = (|| {
             let engine = shared.ready()?;
-            let vocab = engine.tokenizer().vocab_size();
-            let (r, input) = engine_request(request.into_inner(), shared.limits, vocab, engine.has_draft())?;
-            let echo =
-                if r.echo { engine.prompt_ids(&r.request.prompt).map_err(|e| status(&e, input))? } else { vec![] };
+            let (mut r, input) = engine_request(request.into_inner(), shared.limits, engine.has_draft())?;
+            // Echo needs the ids before submission: tokenize once and submit the ids.
+            let echo = if r.echo {
+                let ids = engine.prompt_ids(&r.request.prompt).map_err(|e| status(&e, input))?;
+                r.request.prompt = Prompt::Tokens(ids.clone());
+                ids
+            } else {
+                vec![]
+            };
             let (tx, rx) = mpsc::unbounded_channel();
+            // The engine checks sampling parameters, stop ids and the prompt; `status` names
+            // the request's field.
             let cancel =
                 engine.submit_with(r.request, Box::new(move |e| tx.send(e).is_ok())).map_err(|e| status(&e, input))?;
             Ok::<_, Status>((rx, cancel, echo))
@@ -161,11 +168,11 @@ struct Mapped {
     echo: bool,
 }
 
-/// Checks `r` and maps it onto an engine request; also returns the name of its input field.
+/// Checks what the engine cannot (one input, limits, the drafter) and maps `r` onto an
+/// engine request; also returns the name of its input field.
 fn engine_request(
     r: proto::GenerateRequest,
     limits: Limits,
-    vocab: usize,
     has_draft: bool,
 ) -> Result<(Mapped, &'static str), Status> {
     let bad = |field: &str, reason: String| Status::invalid_argument(format!("{field}: {reason}"));
@@ -214,10 +221,6 @@ fn engine_request(
         logprobs: r.logprobs,
         top_logprobs: r.top_logprobs as usize,
     };
-    sampling.validate().map_err(|e| status(&e, input))?;
-    if let Some(bad_id) = r.stop_token_ids.iter().find(|&&i| i as usize >= vocab) {
-        return Err(bad("stop_token_ids", format!("token id {bad_id} is outside the vocabulary of {vocab}")));
-    }
     let speculative = match r.speculative {
         Some(spec) => {
             if spec.draft_tokens as usize > MAX_DRAFT_TOKENS {
@@ -454,15 +457,20 @@ mod tests {
     const LIMITS: Limits = Limits { max_tokens: 512, default_max_tokens: 64 };
 
     fn map(r: proto::GenerateRequest) -> Result<engine::Request, Status> {
-        engine_request(r, LIMITS, 100, false).map(|(m, _)| m.request)
+        engine_request(r, LIMITS, false).map(|(m, _)| m.request)
     }
 
     fn text(t: &str) -> proto::GenerateRequest {
         proto::GenerateRequest { text: t.into(), ..Default::default() }
     }
 
+    /// What the server answers: the mapping's refusal, else the engine's own check of the
+    /// sampling parameters (as `Engine::submit_with` runs it) through `status`.
     fn refused(r: proto::GenerateRequest) -> (tonic::Code, String) {
-        let s = map(r).expect_err("refused");
+        let s = match map(r) {
+            Err(s) => s,
+            Ok(request) => status(&request.sampling.validate().expect_err("refused"), "text"),
+        };
         (s.code(), s.message().to_string())
     }
 
@@ -494,8 +502,6 @@ mod tests {
         assert!(msg.starts_with("sampling.top_p:"), "{msg}");
         let msg = sampling(proto::SamplingParameters { temperature: Some(f32::NAN), ..Default::default() });
         assert!(msg.starts_with("sampling.temperature:"), "{msg}");
-        let (_, msg) = refused(proto::GenerateRequest { stop_token_ids: vec![100], ..text("a") });
-        assert!(msg.starts_with("stop_token_ids: token id 100"), "{msg}");
         let (_, msg) = refused(proto::GenerateRequest { top_logprobs: 21, ..text("a") });
         assert!(msg.starts_with("top_logprobs:"), "{msg}");
         let spec = |enabled, draft_tokens, drafter: &str| proto::GenerateRequest {
@@ -520,6 +526,12 @@ mod tests {
         assert_eq!(long.code(), tonic::Code::InvalidArgument);
         assert!(long.message().starts_with("token_ids: prompt of 9000 tokens"), "{}", long.message());
         assert_eq!(status(&EngineError::ShutDown, "text").code(), tonic::Code::Unavailable);
+        let stop = EngineError::InvalidRequest {
+            field: "stop_token_ids",
+            reason: "token id 100 is outside the vocabulary of 100".into(),
+        };
+        let msg = status(&stop, "text").message().to_string();
+        assert!(msg.starts_with("stop_token_ids: token id 100"), "{msg}");
         assert_eq!(status(&EngineError::Model("x".into()), "text").code(), tonic::Code::Internal);
     }
 
