@@ -139,17 +139,8 @@ enum Command {
         /// Keep generating after EOS.
         #[arg(long)]
         ignore_eos: bool,
-        /// Execution provider (artifacts only).
-        #[arg(long, value_enum, default_value_t = Ep::Cpu)]
-        ep: Ep,
-        /// Threads ONNX Runtime uses (0: one per core).
-        #[arg(long, default_value_t = 0)]
-        threads: usize,
-        /// MatMulNBits accuracy level of 4/8-bit weights: 4 (ONNX Runtime's default) computes
-        /// with int8 activations, 1 in f32 (slower; speculative output then equals plain
-        /// decoding exactly, see the README).
-        #[arg(long)]
-        accuracy_level: Option<u8>,
+        #[command(flatten)]
+        session: SessionArgs,
         /// Speculative decoding: draft with a draft model (--draft) or by prompt lookup.
         #[arg(long, value_enum)]
         speculative: Option<Drafter>,
@@ -242,17 +233,8 @@ enum Command {
         /// Seconds open streams may run after SIGTERM/SIGINT.
         #[arg(long, default_value_t = 30.0)]
         grace: f64,
-        /// Execution provider.
-        #[arg(long, value_enum, default_value_t = Ep::Cpu)]
-        ep: Ep,
-        /// Threads ONNX Runtime uses (0: one per core).
-        #[arg(long, default_value_t = 0)]
-        threads: usize,
-        /// MatMulNBits accuracy level of 4/8-bit weights: 4 (ONNX Runtime's default) computes
-        /// with int8 activations, 1 in f32 (slower; speculative output then equals plain
-        /// decoding exactly, see the README).
-        #[arg(long)]
-        accuracy_level: Option<u8>,
+        #[command(flatten)]
+        session: SessionArgs,
     },
 }
 
@@ -271,6 +253,33 @@ struct BenchOne {
     threads: usize,
     #[arg(long)]
     accuracy_level: Option<u8>,
+}
+
+/// ONNX Runtime session flags of `kiln generate` and `kiln serve`.
+#[derive(clap::Args)]
+struct SessionArgs {
+    /// Execution provider (`generate`: artifacts only).
+    #[arg(long, value_enum, default_value_t = Ep::Cpu)]
+    ep: Ep,
+    /// Threads ONNX Runtime uses (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// MatMulNBits accuracy level of 4/8-bit weights: 4 (ONNX Runtime's default) computes
+    /// with int8 activations, 1 in f32 (slower; speculative output then equals plain
+    /// decoding exactly, see the README).
+    #[arg(long)]
+    accuracy_level: Option<u8>,
+}
+
+impl SessionArgs {
+    fn options(&self) -> SessionOptions {
+        SessionOptions {
+            provider: self.ep.into(),
+            intra_threads: self.threads,
+            matmul_accuracy_level: self.accuracy_level,
+            ..Default::default()
+        }
+    }
 }
 
 /// Sampling flags of `kiln generate`.
@@ -418,9 +427,7 @@ fn main() -> Result<()> {
             default_max_tokens,
             max_message_bytes,
             grace,
-            ep,
-            threads,
-            accuracy_level,
+            session,
         } => {
             if max_sequences == 0 {
                 bail!("--max-sequences must be at least 1");
@@ -444,12 +451,7 @@ fn main() -> Result<()> {
                 draft,
                 addr,
                 metrics_addr,
-                session: SessionOptions {
-                    provider: ep.into(),
-                    intra_threads: threads,
-                    matmul_accuracy_level: accuracy_level,
-                    ..Default::default()
-                },
+                session: session.options(),
                 max_sequences,
                 context,
                 queue_capacity: queue,
@@ -468,9 +470,7 @@ fn main() -> Result<()> {
             sampling,
             stop,
             ignore_eos,
-            ep,
-            threads,
-            accuracy_level,
+            session,
             speculative,
             draft,
             draft_tokens,
@@ -501,13 +501,7 @@ fn main() -> Result<()> {
                 ..Default::default()
             };
             let path = model.unwrap_or_else(default_model_path);
-            let session = SessionOptions {
-                provider: ep.into(),
-                intra_threads: threads,
-                matmul_accuracy_level: accuracy_level,
-                ..Default::default()
-            };
-            generate(&path, draft.as_deref(), request, session, json)
+            generate(&path, draft.as_deref(), request, session.options(), json)
         }
         Command::Bench { grpc: Some(addr), tokens, streams, json, .. } => {
             let (ttft, rows) = kiln::serve::bench::bench_grpc(&addr, tokens, &streams).map_err(anyhow::Error::msg)?;
