@@ -189,13 +189,7 @@ impl Sampler {
 
     /// Temperature, top-k, top-p and min-p, then one draw from what is left.
     fn sample(&mut self, l: &[f32]) -> u32 {
-        let p = &self.params;
-        let inv_t = 1.0 / p.temperature;
-        let max = l.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-        // Weights e^((l − max)/T): the most likely token weighs exactly 1.
-        let w = &mut self.weights;
-        w.clear();
-        w.extend(l.iter().map(|&v| exp_nonpositive((v - max) * inv_t)));
+        self.weigh(l);
         let u = self.uniform();
         if !self.restrict() {
             return draw(&self.weights, u).unwrap_or_else(|| argmax(l.into()));
@@ -211,6 +205,14 @@ impl Sampler {
             }
         }
         c.last().map_or_else(|| argmax(l.into()), |x| x.1)
+    }
+
+    /// Fills `self.weights` with e^((l − max)/T): the most likely token weighs exactly 1.
+    fn weigh(&mut self, l: &[f32]) {
+        let inv_t = 1.0 / self.params.temperature;
+        let max = l.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        self.weights.clear();
+        self.weights.extend(l.iter().map(|&v| exp_nonpositive((v - max) * inv_t)));
     }
 
     /// A uniform draw from [0, 1) of the request's random stream.
@@ -268,10 +270,7 @@ impl Sampler {
             out[argmax(l.as_ref().into()) as usize] = 1.0;
             return out;
         }
-        let inv_t = 1.0 / self.params.temperature;
-        let max = l.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-        self.weights.clear();
-        self.weights.extend(l.iter().map(|&v| exp_nonpositive((v - max) * inv_t)));
+        self.weigh(&l);
         if self.restrict() {
             for &(x, id) in &self.scratch {
                 out[id as usize] = x;
