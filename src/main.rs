@@ -12,14 +12,14 @@ use kiln::engine::chat::Message;
 use kiln::engine::native::NativeForward;
 use kiln::engine::sampling::SamplingParams;
 use kiln::engine::speculative::{DraftMethod, Speculation};
-use kiln::engine::{artifact_tokenizer, draft_opener, Engine, EngineOptions, Event, Prompt, Request};
+use kiln::engine::{artifact_engine, Engine, EngineOptions, Event, Prompt, Request};
 use kiln::model::gguf::GgufFile;
 use kiln::model::{default_model_path, Model};
 use kiln::onnx::decoder::TensorReport;
 use kiln::onnx::export::{export_recipe, ExportOptions, ExportOutcome, Progress};
 use kiln::onnx::manifest::{self, Manifest};
 use kiln::onnx::recipe::CheckThresholds;
-use kiln::runtime::{Provider, ServingDecoder, SessionOptions};
+use kiln::runtime::{Provider, SessionOptions};
 
 /// Positions per sequence `kiln generate` allows (capped by the artifact's `max_context`).
 const DEFAULT_CONTEXT: usize = 4096;
@@ -826,13 +826,7 @@ fn single_engine(
 ) -> Result<(Engine, &'static str)> {
     let provider = opts.provider;
     if path.join(manifest::MANIFEST_FILE).is_file() {
-        let m = Manifest::read(path)?;
-        let tokenizer = artifact_tokenizer(path, &m)?;
-        let dir = path.to_path_buf();
-        let context = context.min(m.max_context);
-        let draft = draft.map(|d| draft_opener(d, &m, &opts, 1, context)).transpose()?;
-        let open = move || ServingDecoder::open(&dir, &opts, 1, context);
-        Ok((Engine::start_with_draft(open, draft, tokenizer, EngineOptions::default())?, "onnxruntime"))
+        Ok((artifact_engine(path, draft, &opts, 1, context, EngineOptions::default())?, "onnxruntime"))
     } else {
         if draft.is_some() {
             bail!("--draft needs an artifact directory as the target; {} is a model", path.display());

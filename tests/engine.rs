@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use kiln::engine::chat::Message;
 use kiln::engine::text::Detokenizer;
-use kiln::engine::{artifact_tokenizer, Engine, EngineOptions, FinishReason, Output, Prompt, Request};
+use kiln::engine::{artifact_engine, artifact_tokenizer, Engine, EngineOptions, FinishReason, Output, Prompt, Request};
 use kiln::onnx::manifest::Manifest;
-use kiln::runtime::{ServingDecoder, SessionOptions};
+use kiln::runtime::SessionOptions;
 
 fn reference_prompts() -> Vec<(String, Vec<u32>, Vec<u32>)> {
     let v: serde_json::Value =
@@ -28,11 +28,7 @@ fn reference_prompts() -> Vec<(String, Vec<u32>, Vec<u32>)> {
 }
 
 fn engine(dir: &Path, slots: usize, context: usize) -> Engine {
-    let m = Manifest::read(dir).expect("manifest");
-    let tokenizer = artifact_tokenizer(dir, &m).expect("tokenizer");
-    let dir = dir.to_path_buf();
-    let open = move || ServingDecoder::open(&dir, &SessionOptions::default(), slots, context);
-    Engine::start(open, tokenizer, EngineOptions::default()).expect("engine")
+    artifact_engine(dir, None, &SessionOptions::default(), slots, context, EngineOptions::default()).expect("engine")
 }
 
 #[test]

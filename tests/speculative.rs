@@ -6,9 +6,9 @@ mod common;
 use std::path::Path;
 
 use kiln::engine::speculative::{DraftMethod, Speculation};
-use kiln::engine::{artifact_tokenizer, draft_opener, Engine, EngineOptions, Prompt, Request};
+use kiln::engine::{artifact_engine, draft_opener, Engine, EngineOptions, Prompt, Request};
 use kiln::onnx::manifest::Manifest;
-use kiln::runtime::{ServingDecoder, SessionOptions};
+use kiln::runtime::SessionOptions;
 
 const TOKENS: usize = 128;
 
@@ -38,14 +38,8 @@ fn prompts() -> Vec<String> {
 }
 
 fn engine(target: &Path, draft: Option<&Path>, slots: usize) -> Engine {
-    let m = Manifest::read(target).expect("manifest");
-    let tokenizer = artifact_tokenizer(target, &m).expect("tokenizer");
     let session = SessionOptions { intra_threads: 2, ..Default::default() };
-    let context = 512;
-    let draft = draft.map(|d| draft_opener(d, &m, &session, slots, context).expect("draft"));
-    let dir = target.to_path_buf();
-    let open = move || ServingDecoder::open(&dir, &session, slots, context);
-    Engine::start_with_draft(open, draft, tokenizer, EngineOptions::default()).expect("engine")
+    artifact_engine(target, draft, &session, slots, 512, EngineOptions::default()).expect("engine")
 }
 
 fn request(prompt: &str, speculative: Option<Speculation>) -> Request {

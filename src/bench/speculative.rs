@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::engine::speculative::{DraftMethod, Speculation};
-use crate::engine::{artifact_tokenizer, draft_opener, Engine, EngineOptions, Prompt, Request};
+use crate::engine::{artifact_engine, Engine, EngineOptions, Prompt, Request};
 use crate::onnx::manifest::Manifest;
-use crate::runtime::{ServingDecoder, SessionOptions};
+use crate::runtime::SessionOptions;
 
 /// Prompts the measurement decodes from: prose, code, a list and a chat turn.
 const PROMPTS: [&str; 4] = [
@@ -67,12 +67,7 @@ pub struct SpecReport {
 }
 
 fn engine(target: &Path, draft: Option<&Path>, session: &SessionOptions, context: usize) -> Result<Engine, String> {
-    let m = Manifest::read(target).map_err(|e| e.to_string())?;
-    let tokenizer = artifact_tokenizer(target, &m).map_err(|e| e.to_string())?;
-    let draft = draft.map(|d| draft_opener(d, &m, session, 1, context)).transpose().map_err(|e| e.to_string())?;
-    let (dir, session) = (target.to_path_buf(), session.clone());
-    let open = move || ServingDecoder::open(&dir, &session, 1, context);
-    Engine::start_with_draft(open, draft, tokenizer, EngineOptions::default()).map_err(|e| e.to_string())
+    artifact_engine(target, draft, session, 1, context, EngineOptions::default()).map_err(|e| e.to_string())
 }
 
 /// Decodes every prompt; returns generated tokens per second of decoding (first token, i.e.

@@ -929,6 +929,26 @@ impl<F: Forward> Scheduler<F> {
     }
 }
 
+/// An engine over the serving graph of the artifact in `dir` (`slots` slots of up to
+/// `context` positions, capped by the artifact), with the artifact in `draft`, if any, as its
+/// draft model.
+pub fn artifact_engine(
+    dir: &Path,
+    draft: Option<&Path>,
+    session: &crate::runtime::SessionOptions,
+    slots: usize,
+    context: usize,
+    options: EngineOptions,
+) -> Result<Engine, EngineError> {
+    let m = Manifest::read(dir).map_err(|e| EngineError::Model(e.to_string()))?;
+    let tokenizer = artifact_tokenizer(dir, &m)?;
+    let context = context.min(m.max_context);
+    let draft = draft.map(|d| draft_opener(d, &m, session, slots, context)).transpose()?;
+    let (dir, session) = (dir.to_path_buf(), session.clone());
+    let open = move || crate::runtime::ServingDecoder::open(&dir, &session, slots, context);
+    Engine::start_with_draft(open, draft, tokenizer, options)
+}
+
 /// Opens the artifact in `draft` as a draft model for `target` (same vocabulary, checked by
 /// the vocabulary hashes of both manifests), with `slots` slots of `context` positions.
 pub fn draft_opener(
