@@ -192,6 +192,9 @@ enum Command {
         /// MatMulNBits accuracy level: 4 (default) computes with int8 activations, 0/1 in f32.
         #[arg(long)]
         accuracy_level: Option<u8>,
+        /// Rounds of every measurement, interleaved; the table shows each figure's median.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+        repeat: u64,
         /// Print one JSON object per artifact instead of the table.
         #[arg(long)]
         json: bool,
@@ -253,6 +256,8 @@ struct BenchOne {
     threads: usize,
     #[arg(long)]
     accuracy_level: Option<u8>,
+    #[arg(long)]
+    repeat: usize,
 }
 
 /// ONNX Runtime session flags of `kiln generate` and `kiln serve`.
@@ -365,6 +370,7 @@ fn main() -> Result<()> {
             streams: a.streams,
             threads: a.threads,
             accuracy_level: a.accuracy_level,
+            repeat: a.repeat,
         };
         let row = kiln::bench::bench_artifact(&a.artifact, &opts).map_err(anyhow::Error::msg)?;
         println!("{}", serde_json::to_string(&row)?);
@@ -538,10 +544,12 @@ fn main() -> Result<()> {
             streams,
             threads,
             accuracy_level,
+            repeat,
             json,
             ..
         } => {
-            let opts = kiln::bench::BenchOptions { tokens, long_context, streams, threads, accuracy_level };
+            let repeat = repeat as usize;
+            let opts = kiln::bench::BenchOptions { tokens, long_context, streams, threads, accuracy_level, repeat };
             bench(&artifacts, &opts, json)
         }
     }
@@ -797,6 +805,7 @@ fn bench(artifacts: &[PathBuf], opts: &kiln::bench::BenchOptions, json: bool) ->
             .arg(dir)
             .args(["--tokens", &opts.tokens.to_string(), "--long-context", &opts.long_context.to_string()])
             .args(["--streams", &streams.join(","), "--threads", &opts.threads.to_string()])
+            .args(["--repeat", &opts.repeat.to_string()])
             .args(opts.accuracy_level.map(|l| format!("--accuracy-level={l}")))
             .stderr(std::process::Stdio::inherit())
             .output()

@@ -26,6 +26,8 @@ pub struct BenchOptions {
     pub threads: usize,
     /// MatMulNBits accuracy level (None: ONNX Runtime's default, 4).
     pub accuracy_level: Option<u8>,
+    /// Rounds of every measurement; the row reports medians.
+    pub repeat: usize,
 }
 
 /// Prompt length of the time-to-first-token measurement.
@@ -54,6 +56,11 @@ pub struct BenchRow {
     pub decode_long_tokens_per_s: f64,
     /// The long context used.
     pub long_context: usize,
+    /// Median over rounds of long-context over short-context decode speed, each pair
+    /// measured back to back.
+    pub long_context_ratio: f64,
+    /// Rounds measured; every figure is the median of its rounds.
+    pub rounds: usize,
     /// (streams, aggregate generated tokens per second).
     pub streams: Vec<(usize, f64)>,
 }
@@ -85,18 +92,25 @@ pub fn bench_artifact(dir: &Path, opts: &BenchOptions) -> Result<BenchRow, Bench
     dec.extend(0, 0, &tokens[..SHORT_PROMPT], 1).map_err(err)?;
     greedy_steps(&mut dec, SHORT_PROMPT, 4)?;
 
-    let t = Instant::now();
-    dec.extend(0, 0, &tokens[..TTFT_PROMPT], 1).map_err(err)?;
-    let ttft_s = t.elapsed().as_secs_f64();
-    let t = Instant::now();
-    dec.extend(0, 0, &tokens[..PREFILL_PROMPT], 1).map_err(err)?;
-    let prefill_tokens_per_s = PREFILL_PROMPT as f64 / t.elapsed().as_secs_f64();
-
-    dec.extend(0, 0, &tokens[..SHORT_PROMPT], 1).map_err(err)?;
-    let decode_tokens_per_s = opts.tokens as f64 / greedy_steps(&mut dec, SHORT_PROMPT, opts.tokens)?.as_secs_f64();
-    dec.extend(0, 0, &tokens[..opts.long_context], 1).map_err(err)?;
-    let decode_long_tokens_per_s =
-        opts.tokens as f64 / greedy_steps(&mut dec, opts.long_context, opts.tokens)?.as_secs_f64();
+    // Rounds interleave the measurements, so a drift of the machine's speed moves every
+    // figure of a round alike and the short/long ratio is taken within one round.
+    let rounds = opts.repeat.max(1);
+    let (mut ttft, mut prefill, mut short, mut long, mut ratio) = (vec![], vec![], vec![], vec![], vec![]);
+    for _ in 0..rounds {
+        let t = Instant::now();
+        dec.extend(0, 0, &tokens[..TTFT_PROMPT], 1).map_err(err)?;
+        ttft.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        dec.extend(0, 0, &tokens[..PREFILL_PROMPT], 1).map_err(err)?;
+        prefill.push(PREFILL_PROMPT as f64 / t.elapsed().as_secs_f64());
+        dec.extend(0, 0, &tokens[..SHORT_PROMPT], 1).map_err(err)?;
+        let s = opts.tokens as f64 / greedy_steps(&mut dec, SHORT_PROMPT, opts.tokens)?.as_secs_f64();
+        dec.extend(0, 0, &tokens[..opts.long_context], 1).map_err(err)?;
+        let l = opts.tokens as f64 / greedy_steps(&mut dec, opts.long_context, opts.tokens)?.as_secs_f64();
+        short.push(s);
+        long.push(l);
+        ratio.push(l / s);
+    }
     let peak_rss_bytes = peak_rss();
     drop(dec);
 
@@ -110,38 +124,57 @@ pub fn bench_artifact(dir: &Path, opts: &BenchOptions) -> Result<BenchRow, Bench
         EngineOptions { queue_capacity: max_streams },
     )
     .map_err(|e| e.to_string())?;
-    let mut streams = Vec::new();
-    for &n in &opts.streams {
-        let t = Instant::now();
-        let running: Vec<_> = (0..n)
-            .map(|i| {
-                let prompt = tokens[i..i + SHORT_PROMPT].to_vec();
-                let r = Request {
-                    prompt: Prompt::Tokens(prompt),
-                    max_new_tokens: opts.tokens,
-                    ignore_eos: true,
-                    ..Default::default()
-                };
-                engine.submit(r).map_err(|e| e.to_string())
-            })
-            .collect::<Result<_, _>>()?;
-        let mut generated = 0;
-        for g in running {
-            generated += g.collect().map_err(|e| e.to_string())?.token_ids.len();
+    let mut aggregate = vec![Vec::with_capacity(rounds); opts.streams.len()];
+    for _ in 0..rounds {
+        for (&n, figures) in opts.streams.iter().zip(&mut aggregate) {
+            figures.push(streams_tokens_per_s(&engine, &tokens, n, opts.tokens)?);
         }
-        streams.push((n, generated as f64 / t.elapsed().as_secs_f64()));
     }
+    let streams = opts.streams.iter().zip(&mut aggregate).map(|(&n, f)| (n, median(f))).collect();
     Ok(BenchRow {
         name: m.name.clone(),
         weight_bytes,
         peak_rss_bytes,
-        ttft_s,
-        prefill_tokens_per_s,
-        decode_tokens_per_s,
-        decode_long_tokens_per_s,
+        ttft_s: median(&mut ttft),
+        prefill_tokens_per_s: median(&mut prefill),
+        decode_tokens_per_s: median(&mut short),
+        decode_long_tokens_per_s: median(&mut long),
         long_context: opts.long_context,
+        long_context_ratio: median(&mut ratio),
+        rounds,
         streams,
     })
+}
+
+/// Aggregate generated tokens per second of `n` concurrent greedy streams of `tokens` each.
+fn streams_tokens_per_s(engine: &Engine, prompts: &[u32], n: usize, tokens: usize) -> Result<f64, BenchError> {
+    let t = Instant::now();
+    let running: Vec<_> = (0..n)
+        .map(|i| {
+            let r = Request {
+                prompt: Prompt::Tokens(prompts[i..i + SHORT_PROMPT].to_vec()),
+                max_new_tokens: tokens,
+                ignore_eos: true,
+                ..Default::default()
+            };
+            engine.submit(r).map_err(|e| e.to_string())
+        })
+        .collect::<Result<_, _>>()?;
+    let mut generated = 0;
+    for g in running {
+        generated += g.collect().map_err(|e| e.to_string())?.token_ids.len();
+    }
+    Ok(generated as f64 / t.elapsed().as_secs_f64())
+}
+
+/// The median of `values` (the mean of the middle two for an even count); 0 when empty.
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
 }
 
 /// The sentence bench prompts repeat (a little over 8 tokens per repetition).
@@ -218,7 +251,7 @@ pub fn render(rows: &[BenchRow]) -> String {
             r.prefill_tokens_per_s,
             r.decode_tokens_per_s,
             r.decode_long_tokens_per_s,
-            r.decode_long_tokens_per_s / r.decode_tokens_per_s
+            r.long_context_ratio
         ));
         for (_, tps) in &r.streams {
             out.push_str(&format!(" {tps:>9.1}"));
@@ -226,4 +259,40 @@ pub fn render(rows: &[BenchRow]) -> String {
         out.push('\n');
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(&mut [7.5]), 7.5);
+        assert_eq!(median(&mut []), 0.0);
+    }
+
+    #[test]
+    fn table_reports_the_measured_ratio_and_every_stream_count() {
+        let row = BenchRow {
+            name: "int4".into(),
+            weight_bytes: 119_000_000,
+            peak_rss_bytes: 300_000_000,
+            ttft_s: 0.2,
+            prefill_tokens_per_s: 500.0,
+            decode_tokens_per_s: 100.0,
+            decode_long_tokens_per_s: 60.0,
+            long_context: 1024,
+            // Not 60 / 100: the median of per-round ratios is its own figure.
+            long_context_ratio: 0.57,
+            rounds: 3,
+            streams: vec![(1, 90.0), (8, 270.0)],
+        };
+        let table = render(&[row]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[0].contains("@1024") && lines[0].contains("8 str"), "{table}");
+        let cells: Vec<&str> = lines[2].split_whitespace().collect();
+        assert_eq!(cells, ["int4", "119.0", "300", "200.0", "500", "100.0", "60.0", "0.57", "90.0", "270.0"]);
+    }
 }
