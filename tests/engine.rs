@@ -9,9 +9,12 @@ use std::time::Duration;
 
 use kiln::engine::chat::Message;
 use kiln::engine::text::Detokenizer;
-use kiln::engine::{artifact_engine, artifact_tokenizer, Engine, EngineOptions, FinishReason, Output, Prompt, Request};
+use kiln::engine::{
+    artifact_engine, artifact_tokenizer, Engine, EngineOptions, FinishReason, Output, Prompt, Request, PREFILL_CHUNK,
+};
+use kiln::model::reference::argmax;
 use kiln::onnx::manifest::Manifest;
-use kiln::runtime::SessionOptions;
+use kiln::runtime::{Forward, ServingDecoder, SessionOptions};
 
 fn reference_prompts() -> Vec<(String, Vec<u32>, Vec<u32>)> {
     let v: serde_json::Value =
@@ -123,6 +126,37 @@ fn batching_is_invisible_on_the_real_model() {
                 assert!((la - lb).abs() <= 1e-4, "request {i}, step {step}: log-probability {la} vs {lb}");
             }
         }
+    }
+}
+
+#[test]
+fn a_chunked_prefill_gives_what_one_pass_gives() {
+    // Past two chunks: the engine prefills in three passes, each after cached positions.
+    let dir = common::artifact("fp32");
+    let manifest = Manifest::read(&dir).expect("manifest");
+    let tokenizer = artifact_tokenizer(&dir, &manifest).expect("tokenizer");
+    let text = kiln::bench::BENCH_SENTENCE.repeat(2 * PREFILL_CHUNK / 8);
+    let ids = tokenizer.encode(&text).expect("encode");
+    assert!(ids.len() > 2 * PREFILL_CHUNK, "{} tokens", ids.len());
+    let (steps, context) = (8, ids.len() + 16);
+    let (tokens, top) = {
+        let e = engine(&dir, 1, context);
+        let mut r = Request { prompt: Prompt::Tokens(ids.clone()), max_new_tokens: steps, ..Default::default() };
+        (r.ignore_eos, r.sampling.top_logprobs) = (true, 5);
+        run(&e, r)
+    };
+    let mut dec = ServingDecoder::open(&dir, &SessionOptions::default(), 1, context).expect("decoder");
+    let mut logits = dec.extend(0, 0, &ids, 1).expect("one-pass prefill");
+    for step in 0..steps {
+        let row = logits.row(0);
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let log_sum = row.iter().map(|&x| (x - max).exp()).sum::<f32>().ln() + max;
+        assert_eq!(tokens[step], argmax(row), "step {step}: token");
+        for &(id, lp) in &top[step] {
+            let want = row[id as usize] - log_sum;
+            assert!((lp - want).abs() <= 1e-4, "step {step}, token {id}: log-probability {lp} vs {want}");
+        }
+        logits = dec.step(&[(tokens[step], ids.len() + step)]).expect("step");
     }
 }
 

@@ -25,6 +25,8 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use ndarray::Array2;
+
 use self::chat::{ChatTemplate, Message};
 use self::sampling::{Sampler, SamplingParams};
 use self::speculative::{judge, prompt_lookup, DraftMethod, DraftModel, SpecState, SpecStats, Speculation, Verdict};
@@ -560,6 +562,20 @@ impl Sequence {
     }
 }
 
+/// Ends a request cancelled before its first token (waiting, or during its prefill).
+fn cancelled_before_start(a: Admitted, queue_time: Duration) {
+    let mut sink = a.sink;
+    sink(Event::Finished(Summary {
+        finish_reason: FinishReason::Cancelled,
+        prompt_tokens: a.prompt.len(),
+        generated_tokens: 0,
+        queue_time,
+        time_to_first_token: Duration::ZERO,
+        total_time: a.submitted.elapsed(),
+        speculative: None,
+    }));
+}
+
 /// The scheduler. Running sequences are packed in slots `0..n`, plain ones first (`0..p`,
 /// decoded together by one `Forward::step`), speculative ones after them (each drafted and
 /// verified by a pass of its own).
@@ -575,6 +591,11 @@ struct Scheduler<F: Forward> {
 
 /// N-gram length prompt lookup starts from.
 const LOOKUP_NGRAM: usize = 3;
+
+/// Prompt tokens per prefill pass: a long prompt is prefilled in chunks with decode steps of
+/// the running sequences between them, so it delays their next token by one chunk's time,
+/// not by its whole prefill. Every prompt is chunked alike, alone or in a batch.
+pub const PREFILL_CHUNK: usize = 256;
 
 impl<F: Forward> Scheduler<F> {
     fn new(
@@ -649,6 +670,8 @@ impl<F: Forward> Scheduler<F> {
             let Some(a) = self.waiting.pop_front() else { break };
             self.waiting_count.fetch_sub(1, Ordering::AcqRel);
             if a.cancel.load(Ordering::Relaxed) {
+                let waited = a.submitted.elapsed();
+                cancelled_before_start(a, waited);
                 continue;
             }
             // A plain sequence takes slot p; the speculative one there moves to the end.
@@ -664,8 +687,20 @@ impl<F: Forward> Scheduler<F> {
                 d.release(slot);
             }
             let queued = a.submitted.elapsed();
-            let logits = match self.model.extend(slot, 0, &a.prompt, 1) {
-                Ok(l) => l,
+            let prefilled = self.prefill(slot, &a.prompt, &a.cancel);
+            if !matches!(prefilled, Ok(Some(_))) && slot < self.running.len() {
+                // The speculative sequence moved out of the way goes back.
+                let (end, len) = (self.running.len(), self.running[slot].past);
+                if let Err(e) = self.move_cache(end, slot, len) {
+                    return self.fail_all(e);
+                }
+            }
+            let logits = match prefilled {
+                Ok(Some(l)) => l,
+                Ok(None) => {
+                    cancelled_before_start(a, queued);
+                    continue;
+                }
                 Err(e) => {
                     let mut sink = a.sink;
                     sink(Event::Failed(e.into()));
@@ -708,31 +743,40 @@ impl<F: Forward> Scheduler<F> {
         }
     }
 
+    /// Prefills `prompt` into `slot` in chunks of [`PREFILL_CHUNK`] tokens, the running plain
+    /// sequences decoding one step between chunks; returns the last position's logits, or
+    /// `None` when the request was cancelled on the way.
+    fn prefill(
+        &mut self,
+        slot: usize,
+        prompt: &[u32],
+        cancel: &AtomicBool,
+    ) -> Result<Option<Array2<f32>>, RuntimeError> {
+        let mut past = 0;
+        loop {
+            let end = (past + PREFILL_CHUNK).min(prompt.len());
+            let logits = self.model.extend(slot, past, &prompt[past..end], 1)?;
+            if end == prompt.len() {
+                return Ok(Some(logits));
+            }
+            past = end;
+            if cancel.load(Ordering::Relaxed) {
+                return Ok(None);
+            }
+            // Finished sequences keep their slots until `release`, which would move caches
+            // under this prefill: with one among them, the step waits for the prefill.
+            let p = self.plain();
+            if self.running[..p].iter().all(|s| !s.done && !s.cancel.load(Ordering::Relaxed)) {
+                self.step_plain(p);
+            }
+        }
+    }
+
     /// One decode step: the plain sequences together, then each speculative one.
     fn step(&mut self) {
         self.release();
         let p = self.plain();
-        if p > 0 {
-            let rows: Vec<(u32, usize)> = self.running[..p].iter().map(|s| (s.next, s.past)).collect();
-            match self.model.step(&rows) {
-                Ok(logits) => {
-                    let mut running = std::mem::take(&mut self.running);
-                    for (seq, row) in running.iter_mut().zip(logits.rows()) {
-                        seq.past += 1;
-                        let choice = seq.sampler.choose(row.as_slice().expect("logits rows are contiguous"));
-                        self.accept(seq, choice);
-                    }
-                    self.running = running;
-                }
-                Err(e) => {
-                    let e = EngineError::from(e);
-                    for seq in &mut self.running[..p] {
-                        (seq.sink)(Event::Failed(e.clone()));
-                        seq.done = true;
-                    }
-                }
-            }
-        }
+        self.step_plain(p);
         let mut running = std::mem::take(&mut self.running);
         for (slot, seq) in running.iter_mut().enumerate().skip(p) {
             if seq.done || seq.cancel.load(Ordering::Relaxed) {
@@ -744,6 +788,32 @@ impl<F: Forward> Scheduler<F> {
             }
         }
         self.running = running;
+    }
+
+    /// Decodes the plain sequences (slots `0..p`) one token, in one batched step.
+    fn step_plain(&mut self, p: usize) {
+        if p == 0 {
+            return;
+        }
+        let rows: Vec<(u32, usize)> = self.running[..p].iter().map(|s| (s.next, s.past)).collect();
+        match self.model.step(&rows) {
+            Ok(logits) => {
+                let mut running = std::mem::take(&mut self.running);
+                for (seq, row) in running.iter_mut().zip(logits.rows()) {
+                    seq.past += 1;
+                    let choice = seq.sampler.choose(row.as_slice().expect("logits rows are contiguous"));
+                    self.accept(seq, choice);
+                }
+                self.running = running;
+            }
+            Err(e) => {
+                let e = EngineError::from(e);
+                for seq in &mut self.running[..p] {
+                    (seq.sink)(Event::Failed(e.clone()));
+                    seq.done = true;
+                }
+            }
+        }
     }
 
     /// Drafts for `seq` (in `slot`), verifies the drafts in one target pass and streams

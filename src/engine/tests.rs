@@ -2,7 +2,7 @@
 //! a slot mix-up, a stale cache or a lost move shows up as different tokens.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ndarray::Array2;
@@ -19,6 +19,26 @@ struct Fake {
     delay: Duration,
     /// 0 for the target; a draft with another salt disagrees with it.
     salt: u64,
+    /// Every extend and step, in order.
+    calls: Arc<Mutex<Vec<Call>>>,
+}
+
+/// What the scheduler asked of the model.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Call {
+    Extend { slot: usize, past: usize, len: usize },
+    Step { rows: usize },
+}
+
+impl Fake {
+    fn new(slots: usize, context: usize, delay: Duration, salt: u64) -> Self {
+        let (steps, calls) = (Arc::new(AtomicUsize::new(0)), Arc::new(Mutex::new(Vec::new())));
+        Fake { history: vec![Vec::new(); slots], context, steps, delay, salt, calls }
+    }
+
+    fn log(&self, call: Call) {
+        self.calls.lock().expect("calls").push(call);
+    }
 }
 
 fn logits(history: &[u32], salt: u64) -> Vec<f32> {
@@ -48,6 +68,7 @@ impl Forward for Fake {
     }
 
     fn extend(&mut self, slot: usize, past: usize, tokens: &[u32], last: usize) -> Result<Array2<f32>, RuntimeError> {
+        self.log(Call::Extend { slot, past, len: tokens.len() });
         let h = &mut self.history[slot];
         h.truncate(past);
         let mut rows = Vec::new();
@@ -63,6 +84,7 @@ impl Forward for Fake {
     fn step(&mut self, rows: &[(u32, usize)]) -> Result<Array2<f32>, RuntimeError> {
         std::thread::sleep(self.delay);
         self.steps.fetch_add(1, Ordering::SeqCst);
+        self.log(Call::Step { rows: rows.len() });
         let mut out = Vec::new();
         for (slot, &(token, past)) in rows.iter().enumerate() {
             let h = &mut self.history[slot];
@@ -106,10 +128,9 @@ fn tokenizer() -> ModelTokenizer {
 }
 
 fn engine(slots: usize, queue: usize, delay: Duration) -> (Engine, Arc<AtomicUsize>) {
-    let steps = Arc::new(AtomicUsize::new(0));
-    let s = steps.clone();
-    let open = move || Ok(Fake { history: vec![Vec::new(); slots], context: 64, steps: s, delay, salt: 0 });
-    (Engine::start(open, tokenizer(), EngineOptions { queue_capacity: queue }).expect("engine"), steps)
+    let fake = Fake::new(slots, 64, delay, 0);
+    let steps = fake.steps.clone();
+    (Engine::start(move || Ok(fake), tokenizer(), EngineOptions { queue_capacity: queue }).expect("engine"), steps)
 }
 
 fn request(prompt: &[u32], f: impl FnOnce(&mut Request)) -> Request {
@@ -290,13 +311,7 @@ fn bad_requests_name_their_field() {
 
 /// An engine whose draft model is a fake with `salt` (0: it agrees with the target).
 fn engine_with_draft(slots: usize, salt: u64) -> Engine {
-    let fake = move |salt| Fake {
-        history: vec![Vec::new(); slots],
-        context: 64,
-        steps: Arc::new(AtomicUsize::new(0)),
-        delay: Duration::ZERO,
-        salt,
-    };
+    let fake = move |salt| Fake::new(slots, 64, Duration::ZERO, salt);
     let draft: OpenDraft = Box::new(move || Ok(Box::new(fake(salt)) as Box<dyn Forward>));
     Engine::start_with_draft(move || Ok(fake(0)), Some(draft), tokenizer(), EngineOptions { queue_capacity: 16 })
         .expect("engine")
@@ -372,4 +387,82 @@ fn a_speculative_request_needs_a_draft_model_when_it_names_one() {
     let r = request(&[3], |r| r.speculative = speculative(DraftMethod::PromptLookup, 17));
     let err = e.submit(r).err().expect("refused");
     assert!(matches!(err, EngineError::InvalidRequest { field: "speculative.draft_tokens", .. }), "{err}");
+}
+
+/// A prompt of `n` tokens (ids 3.. cycling through the vocabulary).
+fn long_prompt(n: usize) -> Vec<u32> {
+    (0..n).map(|i| 3 + (i * 7 % (VOCAB - 3)) as u32).collect()
+}
+
+/// An engine over a fake with `slots` slots of 4096 positions, and the fake's call log.
+fn long_context_engine(slots: usize, delay: Duration) -> (Engine, Arc<Mutex<Vec<Call>>>) {
+    let fake = Fake::new(slots, 4096, delay, 0);
+    let calls = fake.calls.clone();
+    (Engine::start(move || Ok(fake), tokenizer(), EngineOptions { queue_capacity: 8 }).expect("engine"), calls)
+}
+
+#[test]
+fn a_long_prompt_is_prefilled_in_chunks_between_decode_steps() {
+    let prompt = long_prompt(3 * PREFILL_CHUNK + 10);
+    let (e, calls) = long_context_engine(2, Duration::ZERO);
+    let alone = e.submit(request(&prompt, |r| r.max_new_tokens = 4)).expect("submit").collect().expect("output");
+    let chunks: Vec<Call> = calls.lock().expect("calls").clone();
+    let want: Vec<Call> = (0..4)
+        .map(|c| Call::Extend { slot: 0, past: c * PREFILL_CHUNK, len: if c < 3 { PREFILL_CHUNK } else { 10 } })
+        .collect();
+    assert_eq!(chunks[..4], want[..], "alone: four chunks back to back");
+
+    let (e, calls) = long_context_engine(2, Duration::from_millis(1));
+    let running = e.submit(request(&[5, 6], |r| (r.max_new_tokens, r.ignore_eos) = (2000, true))).expect("submit");
+    let Event::Token(_) = running.events.recv().expect("first token") else { panic!("expected a token") };
+    let long = e.submit(request(&prompt, |r| r.max_new_tokens = 4)).expect("submit").collect().expect("output");
+    assert_eq!(long.token_ids, alone.token_ids, "chunks between steps give the same tokens");
+    let log = calls.lock().expect("calls").clone();
+    let first = log.iter().position(|c| matches!(c, Call::Extend { slot: 1, past: 0, .. })).expect("long prefill");
+    let between: Vec<Call> = log[first..first + 7].to_vec();
+    let step = Call::Step { rows: 1 };
+    let chunk = |c: usize, len| Call::Extend { slot: 1, past: c * PREFILL_CHUNK, len };
+    let want =
+        [chunk(0, PREFILL_CHUNK), step, chunk(1, PREFILL_CHUNK), step, chunk(2, PREFILL_CHUNK), step, chunk(3, 10)];
+    assert_eq!(between, want, "the running sequence decodes between the chunks");
+    running.cancel.cancel();
+}
+
+#[test]
+fn cancelling_during_a_chunked_prefill_frees_the_slot_and_keeps_the_others() {
+    // A plain sequence holds slot 0 and a speculative one slot 1; a long plain request moves
+    // the speculative one to slot 2 to prefill in slot 1 (the plain one decoding between its
+    // chunks), is cancelled half way, and the speculative sequence's cache must come back.
+    let plain = || request(&[8, 9], |r| (r.max_new_tokens, r.ignore_eos) = (40, true));
+    let spec = || {
+        request(&[5, 6, 7, 5, 6], |r| {
+            (r.max_new_tokens, r.ignore_eos, r.speculative) = (40, true, speculative(DraftMethod::PromptLookup, 3))
+        })
+    };
+    let (e, _) = long_context_engine(3, Duration::ZERO);
+    let alone = [plain(), spec()].map(|r| e.submit(r).expect("submit").collect().expect("output"));
+
+    let (e, calls) = long_context_engine(3, Duration::from_millis(5));
+    let running = [plain(), spec()].map(|r| e.submit(r).expect("submit"));
+    let first = running.each_ref().map(|g| match g.events.recv().expect("first token") {
+        Event::Token(c) => c.id,
+        other => panic!("expected a token, got {other:?}"),
+    });
+    let long = e.submit(request(&long_prompt(15 * PREFILL_CHUNK), |r| r.max_new_tokens = 4)).expect("submit");
+    let chunks =
+        || calls.lock().expect("calls").iter().filter(|c| matches!(c, Call::Extend { len: PREFILL_CHUNK, .. })).count();
+    while chunks() == 0 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    long.cancel.cancel();
+    let ended = long.collect().expect("a cancelled prefill ends");
+    assert_eq!(ended.token_ids, Vec::<u32>::new());
+    assert_eq!(ended.summary.expect("summary").finish_reason, FinishReason::Cancelled);
+    assert!(chunks() < 15, "the prefill stopped at the cancel ({} of 15 chunks ran)", chunks());
+    for (i, (g, want)) in running.into_iter().zip(&alone).enumerate() {
+        let rest = g.collect().expect("output").token_ids;
+        assert_eq!([&[first[i]], &rest[..]].concat(), want.token_ids, "sequence {i}");
+    }
+    let out = e.submit(request(&[9], |r| r.max_new_tokens = 2)).expect("submit").collect().expect("output");
+    assert_eq!(out.token_ids.len(), 2, "the slot is free again");
 }
