@@ -78,11 +78,14 @@ pub fn bench_artifact(dir: &Path, opts: &BenchOptions) -> Result<BenchRow, Bench
         ..Default::default()
     };
     let tokens = prompt_tokens(dir, &m, opts.long_context.max(PREFILL_PROMPT))?;
-    let context = (opts.long_context + opts.tokens + 1).min(m.max_context);
-    if opts.long_context + opts.tokens + 1 > m.max_context {
+    // Room for the longest prompt measured and the tokens generated after it.
+    let context = opts.long_context.max(PREFILL_PROMPT).max(SHORT_PROMPT) + opts.tokens + 1;
+    if context > m.max_context {
         return Err(format!(
-            "long context {} + {} tokens exceeds max_context {}",
-            opts.long_context, opts.tokens, m.max_context
+            "a {}-token prompt + {} tokens exceeds max_context {}",
+            context - opts.tokens - 1,
+            opts.tokens,
+            m.max_context
         ));
     }
     let mut dec = ServingDecoder::open(dir, &session, 1, context).map_err(|e| e.to_string())?;
