@@ -12,7 +12,7 @@ use kiln::engine::text::Detokenizer;
 use kiln::engine::{
     artifact_engine, artifact_tokenizer, Engine, EngineOptions, FinishReason, Output, Prompt, Request, PREFILL_CHUNK,
 };
-use kiln::model::reference::argmax;
+use kiln::model::reference::{argmax, logsumexp};
 use kiln::onnx::manifest::Manifest;
 use kiln::runtime::{Forward, ServingDecoder, SessionOptions};
 
@@ -149,8 +149,7 @@ fn a_chunked_prefill_gives_what_one_pass_gives() {
     let mut logits = dec.extend(0, 0, &ids, 1).expect("one-pass prefill");
     for step in 0..steps {
         let row = logits.row(0);
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let log_sum = row.iter().map(|&x| (x - max).exp()).sum::<f32>().ln() + max;
+        let log_sum = logsumexp(row);
         assert_eq!(tokens[step], argmax(row), "step {step}: token");
         for &(id, lp) in &top[step] {
             let want = row[id as usize] - log_sum;

@@ -79,14 +79,10 @@ pub fn bench_artifact(dir: &Path, opts: &BenchOptions) -> Result<BenchRow, Bench
     };
     let tokens = prompt_tokens(dir, &m, opts.long_context.max(PREFILL_PROMPT))?;
     // Room for the longest prompt measured and the tokens generated after it.
-    let context = opts.long_context.max(PREFILL_PROMPT).max(SHORT_PROMPT) + opts.tokens + 1;
+    let longest = opts.long_context.max(PREFILL_PROMPT).max(SHORT_PROMPT);
+    let context = longest + opts.tokens + 1;
     if context > m.max_context {
-        return Err(format!(
-            "a {}-token prompt + {} tokens exceeds max_context {}",
-            context - opts.tokens - 1,
-            opts.tokens,
-            m.max_context
-        ));
+        return Err(format!("a {longest}-token prompt + {} tokens exceeds max_context {}", opts.tokens, m.max_context));
     }
     let mut dec = ServingDecoder::open(dir, &session, 1, context).map_err(|e| e.to_string())?;
     let err = |e: crate::runtime::RuntimeError| e.to_string();

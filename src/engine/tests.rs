@@ -1,7 +1,6 @@
 //! The scheduler over a fake model whose logits hash the whole cached history of a slot:
 //! a slot mix-up, a stale cache or a lost move shows up as different tokens.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,7 +14,6 @@ const EOS: u32 = 1;
 struct Fake {
     history: Vec<Vec<u32>>,
     context: usize,
-    steps: Arc<AtomicUsize>,
     delay: Duration,
     /// 0 for the target; a draft with another salt disagrees with it.
     salt: u64,
@@ -32,8 +30,7 @@ enum Call {
 
 impl Fake {
     fn new(slots: usize, context: usize, delay: Duration, salt: u64) -> Self {
-        let (steps, calls) = (Arc::new(AtomicUsize::new(0)), Arc::new(Mutex::new(Vec::new())));
-        Fake { history: vec![Vec::new(); slots], context, steps, delay, salt, calls }
+        Fake { history: vec![Vec::new(); slots], context, delay, salt, calls: Arc::new(Mutex::new(Vec::new())) }
     }
 
     fn log(&self, call: Call) {
@@ -83,7 +80,6 @@ impl Forward for Fake {
 
     fn step(&mut self, rows: &[(u32, usize)]) -> Result<Array2<f32>, RuntimeError> {
         std::thread::sleep(self.delay);
-        self.steps.fetch_add(1, Ordering::SeqCst);
         self.log(Call::Step { rows: rows.len() });
         let mut out = Vec::new();
         for (slot, &(token, past)) in rows.iter().enumerate() {
@@ -127,10 +123,19 @@ fn tokenizer() -> ModelTokenizer {
     ModelTokenizer::new(inner, Some(2), vec![EOS], None)
 }
 
-fn engine(slots: usize, queue: usize, delay: Duration) -> (Engine, Arc<AtomicUsize>) {
-    let fake = Fake::new(slots, 64, delay, 0);
-    let steps = fake.steps.clone();
-    (Engine::start(move || Ok(fake), tokenizer(), EngineOptions { queue_capacity: queue }).expect("engine"), steps)
+/// An engine over `fake` with room for `queue` waiting requests, and the fake's call log.
+fn engine_over(fake: Fake, queue: usize) -> (Engine, Arc<Mutex<Vec<Call>>>) {
+    let calls = fake.calls.clone();
+    (Engine::start(move || Ok(fake), tokenizer(), EngineOptions { queue_capacity: queue }).expect("engine"), calls)
+}
+
+fn engine(slots: usize, queue: usize, delay: Duration) -> (Engine, Arc<Mutex<Vec<Call>>>) {
+    engine_over(Fake::new(slots, 64, delay, 0), queue)
+}
+
+/// Decode steps the fake has run.
+fn steps(calls: &Mutex<Vec<Call>>) -> usize {
+    calls.lock().expect("calls").iter().filter(|c| matches!(c, Call::Step { .. })).count()
 }
 
 fn request(prompt: &[u32], f: impl FnOnce(&mut Request)) -> Request {
@@ -185,12 +190,12 @@ fn batching_is_invisible() {
 
 #[test]
 fn cancellation_frees_the_slot_within_one_step() {
-    let (e, steps) = engine(1, 8, Duration::from_millis(5));
+    let (e, calls) = engine(1, 8, Duration::from_millis(5));
     let long = e.submit(request(&[3], |r| (r.max_new_tokens, r.ignore_eos) = (10_000, true))).expect("submit");
     let Event::Token(_) = long.events.recv().expect("first token") else { panic!("expected a token") };
     let waiting = e.submit(request(&[4], |r| r.max_new_tokens = 1)).expect("submit");
     long.cancel.cancel();
-    let at_cancel = steps.load(Ordering::SeqCst);
+    let at_cancel = steps(&calls);
     let reason = loop {
         match long.events.recv().expect("event") {
             Event::Finished(s) => break s.finish_reason,
@@ -199,20 +204,20 @@ fn cancellation_frees_the_slot_within_one_step() {
         }
     };
     assert_eq!(reason, FinishReason::Cancelled);
-    assert!(steps.load(Ordering::SeqCst) <= at_cancel + 1, "at most the step already running");
+    assert!(steps(&calls) <= at_cancel + 1, "at most the step already running");
     let out = waiting.collect().expect("the waiting request gets the slot");
     assert_eq!(out.token_ids.len(), 1);
 }
 
 #[test]
 fn dropping_the_receiver_cancels() {
-    let (e, steps) = engine(1, 8, Duration::from_millis(2));
+    let (e, calls) = engine(1, 8, Duration::from_millis(2));
     let g = e.submit(request(&[3], |r| (r.max_new_tokens, r.ignore_eos) = (10_000, true))).expect("submit");
     g.events.recv().expect("first event");
     drop(g);
     let out = e.submit(request(&[4], |r| r.max_new_tokens = 2)).expect("submit").collect().expect("output");
     assert_eq!(out.token_ids.len(), 2);
-    assert!(steps.load(Ordering::SeqCst) < 100, "the dropped request did not run to its limit");
+    assert!(steps(&calls) < 100, "the dropped request did not run to its limit");
 }
 
 #[test]
@@ -396,9 +401,7 @@ fn long_prompt(n: usize) -> Vec<u32> {
 
 /// An engine over a fake with `slots` slots of 4096 positions, and the fake's call log.
 fn long_context_engine(slots: usize, delay: Duration) -> (Engine, Arc<Mutex<Vec<Call>>>) {
-    let fake = Fake::new(slots, 4096, delay, 0);
-    let calls = fake.calls.clone();
-    (Engine::start(move || Ok(fake), tokenizer(), EngineOptions { queue_capacity: 8 }).expect("engine"), calls)
+    engine_over(Fake::new(slots, 4096, delay, 0), 8)
 }
 
 #[test]
