@@ -672,8 +672,13 @@ fn inspect_artifact(dir: &Path) -> Result<()> {
     println!();
     println!("{:<44} {:>14} {:>16} {:>12} {:>12}", "tensor", "shape", "scheme", "rel. error", "max abs");
     for t in &m.tensors {
+        // Matrices stored side by side (q/k/v, gate/up) name their initializer and columns.
+        let packed = t
+            .packed
+            .as_ref()
+            .map_or(String::new(), |p| format!("  in {}[{}..{}]", p.tensor, p.columns[0], p.columns[1]));
         println!(
-            "{:<44} {:>14} {:>16} {:>12.3e} {:>12.3e}",
+            "{:<44} {:>14} {:>16} {:>12.3e} {:>12.3e}{packed}",
             t.name,
             format!("{}×{}", t.shape[0], t.shape[1]),
             t.label,

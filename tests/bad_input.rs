@@ -120,7 +120,7 @@ fn malformed_config_json() {
     let mut c = tiny_config(LLAMA);
     c["num_key_value_heads"] = 3.into();
     std::fs::write(&config, c.to_string()).expect("write");
-    assert_mentions(&load_err(&hf), &config, "num_key_value_heads: 3 does not divide num_attention_heads 4");
+    assert_mentions(&load_err(&hf), &config, "num_key_value_heads: 3 does not divide num_attention_heads 2");
 
     let mut c = tiny_config(LLAMA);
     c["rope_scaling"] = serde_json::json!({"type": "linear", "factor": 2.0});

@@ -59,10 +59,20 @@ fn int4_copy(tmp: &Path) -> PathBuf {
 }
 
 /// Offset of an external initializer in model.onnx.data.
-fn data_offset(dir: &Path, name: &str) -> usize {
+/// Where initializer `name` starts in the data file, and its dims.
+fn data_offset(dir: &Path, name: &str) -> (usize, Vec<i64>) {
     let g = kiln::onnx::manifest::read_graph(dir).expect("graph");
     let t = g.initializer.iter().find(|t| t.name == name).expect("initializer");
-    t.external_data.iter().find(|e| e.key == "offset").expect("offset").value.parse().expect("number")
+    let offset = t.external_data.iter().find(|e| e.key == "offset").expect("offset").value.parse().expect("number");
+    (offset, t.dims.clone())
+}
+
+/// The initializer holding matrix `name` and the matrix's first column in it.
+fn stored_at(dir: &Path, name: &str) -> (String, usize) {
+    let m = Manifest::read(dir).expect("manifest");
+    let t = m.tensors.iter().find(|t| t.name == name).expect("tensor report");
+    let packed = t.packed.as_ref().expect("q/k/v and gate/up are packed");
+    (packed.tensor.clone(), packed.columns[0])
 }
 
 fn damage(dir: &Path, f: impl FnOnce(&mut Vec<u8>)) {
@@ -90,7 +100,10 @@ fn a_corrupted_scale_fails_the_check() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = int4_copy(tmp.path());
     let name = "model.layers.3.mlp.up_proj.weight";
-    let at = data_offset(&dir, &format!("{name}.scale"));
+    // up_proj is packed after gate_proj: its first scale is `column` f32s into the scales.
+    let (stored, column) = stored_at(&dir, name);
+    assert_eq!(stored, "model.layers.3.mlp.gate_up_proj.weight");
+    let at = data_offset(&dir, &format!("{stored}.scale")).0 + 4 * column;
     damage(&dir, |d| {
         let v = f32::from_le_bytes([d[at], d[at + 1], d[at + 2], d[at + 3]]) * 50.0;
         d[at..at + 4].copy_from_slice(&v.to_le_bytes());
@@ -106,13 +119,16 @@ fn a_corrupted_scale_fails_the_check() {
 fn swapped_rows_fail_the_check() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = int4_copy(tmp.path());
-    // q_proj is stored [in = 576, out = 576] as UINT4: a row of 576 codes is 288 bytes.
-    // Rows 0 and 1 share their block's scales, so the swap moves values, not scales.
+    // q_proj is packed first in qkv_proj [in = 576, out = 576 + 192 + 192] as UINT4: a row
+    // is 480 bytes, of which q_proj's 576 codes are the first 288. Rows 0 and 1 share their
+    // block's scales, so swapping q_proj's parts of them moves values, not scales.
     let name = "model.layers.0.self_attn.q_proj.weight";
-    let at = data_offset(&dir, name);
+    let (stored, column) = stored_at(&dir, name);
+    let (at, dims) = data_offset(&dir, &stored);
+    assert_eq!((column, dims), (0, vec![576, 960]));
     damage(&dir, |d| {
-        let (a, b) = d[at..at + 576].split_at_mut(288);
-        a.swap_with_slice(b);
+        let (a, b) = d[at..at + 768].split_at_mut(480);
+        a[..288].swap_with_slice(&mut b[..288]);
     });
     let (ok, reports, _) = quick_check(&dir);
     assert!(!ok, "swapped rows must fail");
@@ -127,7 +143,8 @@ fn lowering_is_exact_on_int8() {
     let direct = TractDecoder::open(&dir, Lowering::Needed).expect("direct");
     let lowered = TractDecoder::open(&dir, Lowering::All).expect("lowered");
     assert_eq!(direct.lowered, 0);
-    assert_eq!(lowered.lowered, 211);
+    // Per layer q/k/v packed, o, gate/up packed, down; and the lm_head.
+    assert_eq!(lowered.lowered, 30 * 4 + 1);
     let m = Manifest::read(&dir).expect("manifest");
     let input = || {
         let ids = [504i64, 3575, 282, 4649, 314];

@@ -1,4 +1,4 @@
-//! Exports of small written models: graphs for every architecture variant run by ONNX
+//! Exports of small written models: both graphs for every architecture variant run by ONNX
 //! Runtime against the reference forward (q/k/v biases, tied heads, sliding window,
 //! padded batches), determinism, and bad input that must leave no partial artifact.
 
@@ -11,7 +11,7 @@ use kiln::model::reference::{Logits, Reference};
 use kiln::model::Model;
 use kiln::onnx::builder::{DType, GraphBuilder, TensorData};
 use kiln::onnx::export::{export_recipe, ExportOptions, ExportOutcome, Quiet};
-use kiln::runtime::{OrtDecoder, SessionOptions, StepInput};
+use kiln::runtime::{Forward, OrtDecoder, ServingDecoder, SessionOptions, StepInput};
 use ndarray::{s, Array2};
 
 const LLAMA: TinySpec = TinySpec { class: "LlamaForCausalLM", tied: false, bias: false, sliding_window: None };
@@ -43,7 +43,20 @@ fn max_rel_diff(a: ndarray::ArrayView1<f32>, b: ndarray::ArrayView1<f32>) -> f32
     a.iter().zip(b.iter()).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
 }
 
-/// Prefill then two single-token steps through ORT; every row against the reference.
+/// The serving graph's logits for every position of `ids`: a prefill of all but the last
+/// two, a one-token chunk after it, then a decode step (GroupQueryAttention's rotary
+/// positions come from the lengths in all three).
+fn serving_logits(dir: &Path, opts: &SessionOptions, ids: &[u32]) -> Array2<f32> {
+    let n = ids.len();
+    let mut dec = ServingDecoder::open(dir, opts, 1, 16).expect("serving session");
+    let prefill = dec.extend(0, 0, &ids[..n - 2], n - 2).expect("prefill");
+    let chunk = dec.extend(0, n - 2, &ids[n - 2..n - 1], 1).expect("chunk");
+    let step = dec.step(&[(ids[n - 1], n - 1)]).expect("step");
+    ndarray::concatenate(ndarray::Axis(0), &[prefill.view(), chunk.view(), step.view()]).expect("rows")
+}
+
+/// Prefill then two single-token steps through ORT, in the portable and the serving graph;
+/// every row against the reference.
 fn assert_ort_matches_reference(spec: TinySpec, seed: u64) {
     let tmp = tempfile::tempdir().expect("tempdir");
     let src = model_dir(tmp.path(), spec, seed);
@@ -73,6 +86,11 @@ fn assert_ort_matches_reference(spec: TinySpec, seed: u64) {
         }
         past = out.present;
         done += n;
+    }
+    let serving = serving_logits(&dir, &SessionOptions::default(), &ids);
+    for j in 0..ids.len() {
+        let d = max_rel_diff(serving.row(j), want.row(j));
+        assert!(d <= TOLERANCE, "{} serving: position {j}: relative difference {d}", spec.class);
     }
 }
 
@@ -314,9 +332,13 @@ fn every_scheme_computes_its_reconstructed_weights() {
                 past: dec.empty_past(1),
             })
             .expect("runs");
+        // Per-tensor scales keep q/k/v and gate/up unpacked; the others pack them.
+        let serving = serving_logits(&dir, &opts, &ids);
         for j in 0..ids.len() {
             let d = max_rel_diff(out.logits.slice(s![0, j, ..]), want.row(j));
             assert!(d <= TOLERANCE, "{quant}: position {j}: relative difference {d}");
+            let d = max_rel_diff(serving.row(j), want.row(j));
+            assert!(d <= TOLERANCE, "{quant} serving: position {j}: relative difference {d}");
         }
     }
 }

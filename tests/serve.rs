@@ -349,7 +349,8 @@ async fn malformed_requests_get_their_status_codes() {
         assert_eq!(status.code(), code, "{what}: {}", status.message());
         assert!(status.message().starts_with(prefix), "{what}: {}", status.message());
     }
-    let (_, ids, f) = complete(&mut client, text("The capital of France is", 8)).await.expect("a good request");
+    let good = GenerateRequest { ignore_eos: true, ..text("The capital of France is", 8) };
+    let (_, ids, f) = complete(&mut client, good).await.expect("a good request");
     assert_eq!(ids.len(), 8);
     assert_eq!(f.reason, proto::FinishReason::Length as i32);
     assert_eq!(server.health().await, 1, "health is still SERVING");
@@ -471,7 +472,9 @@ async fn reflection_echo_logprobs_chat_and_stops() {
         .into_inner();
     assert_eq!(ids.token_ids.len(), ids.pieces.len());
     // Echo and log-probabilities; text and token ids give the same continuation.
-    let r = GenerateRequest { echo: true, top_logprobs: 3, ..text(prompt, 12) };
+    // The model may end its answer early ("Paris, France."): these requests run to their length.
+    let long = |n| GenerateRequest { ignore_eos: true, ..text(prompt, n) };
+    let r = GenerateRequest { echo: true, top_logprobs: 3, ..long(12) };
     let mut stream = client.generate(r).await.expect("generate").into_inner();
     let first = stream.message().await.expect("first").expect("a message");
     assert_eq!(first.prompt_token_ids, ids.token_ids, "echo sends the prompt's ids first");
@@ -488,15 +491,15 @@ async fn reflection_echo_logprobs_chat_and_stops() {
         assert!((t.top_logprobs[0].logprob - lp).abs() < 1e-6 && lp <= 0.0);
         assert!(t.top_logprobs.windows(2).all(|w| w[0].logprob >= w[1].logprob));
     }
-    let by_ids = GenerateRequest { token_ids: ids.token_ids.clone(), max_tokens: Some(12), ..Default::default() };
+    let by_ids = GenerateRequest { token_ids: ids.token_ids.clone(), text: String::new(), ..long(12) };
     let (_, got, _) = complete(&mut client, by_ids).await.expect("by ids");
     assert_eq!(got, tokens.iter().map(|t| t.id).collect::<Vec<_>>());
 
     // A stop string cuts the text and is reported.
-    let (full, _, _) = complete(&mut client, text(prompt, 24)).await.expect("full");
+    let (full, _, _) = complete(&mut client, long(24)).await.expect("full");
     let word = full.split_whitespace().nth(2).expect("three words").to_string();
     let (cut, _, f) =
-        complete(&mut client, GenerateRequest { stop: vec![word.clone()], ..text(prompt, 24) }).await.expect("stopped");
+        complete(&mut client, GenerateRequest { stop: vec![word.clone()], ..long(24) }).await.expect("stopped");
     assert_eq!(f.reason, proto::FinishReason::Stop as i32);
     assert_eq!(f.stop, word);
     assert_eq!(cut, full[..full.find(&word).expect("word")], "text ends before the stop string");

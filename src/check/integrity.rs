@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::artifact::ArtifactFiles;
 use super::lowering::unpack_codes;
 use super::CheckError;
+use crate::onnx::decoder::TensorReport;
 use crate::quant::{Layout, QuantError};
 
 /// Recomputed errors may differ from the recorded ones by summation order only.
@@ -43,14 +44,18 @@ pub fn compare(candidate: &ArtifactFiles, baseline: &ArtifactFiles) -> Result<In
             path: candidate.dir.join("model.onnx"),
             reason: format!("initializer {what} listed in kiln.json is not in the graph"),
         };
-        let codes_t = candidate.initializer(&t.name).ok_or_else(|| missing(&t.name))?;
-        let scale_name = format!("{}.scale", t.name);
+        let (stored, columns) = location(t);
+        let codes_t = candidate.initializer(stored).ok_or_else(|| missing(stored))?;
+        let scale_name = format!("{stored}.scale");
         let scales_t = candidate.initializer(&scale_name).ok_or_else(|| missing(&scale_name))?;
-        let zp_t = candidate.initializer(&format!("{}.zero_point", t.name));
-        let base_t = baseline.initializer(&t.name).ok_or_else(|| CheckError::Artifact {
+        let zp_t = candidate.initializer(&format!("{stored}.zero_point"));
+        let no_baseline = || CheckError::Artifact {
             path: baseline.dir.join("model.onnx"),
             reason: format!("baseline has no tensor {}", t.name),
-        })?;
+        };
+        let (base_stored, base_columns) =
+            location(baseline.manifest.tensors.iter().find(|b| b.name == t.name).ok_or_else(no_baseline)?);
+        let base_t = baseline.initializer(base_stored).ok_or_else(no_baseline)?;
         let base: Vec<f32> =
             baseline.bytes(base_t)?.as_chunks::<4>().0.iter().map(|b| f32::from_le_bytes(*b)).collect();
         let codes = unpack_codes(codes_t, &candidate.bytes(codes_t)?)?;
@@ -60,15 +65,32 @@ pub fn compare(candidate: &ArtifactFiles, baseline: &ArtifactFiles) -> Result<In
             Some(z) => Some(unpack_codes(z, &candidate.bytes(z)?)?),
             None => None,
         };
-        if codes.len() != base.len() || codes_t.dims != base_t.dims {
-            return Err(CheckError::Artifact {
-                path: candidate.dir.join("model.onnx"),
-                reason: format!("{}: dims {:?}, baseline {:?}", t.name, codes_t.dims, base_t.dims),
-            });
+        let shape_error = || CheckError::Artifact {
+            path: candidate.dir.join("model.onnx"),
+            reason: format!(
+                "{}: dims {:?} (columns {columns:?}), baseline {:?} (columns {base_columns:?})",
+                t.name, codes_t.dims, base_t.dims
+            ),
+        };
+        let dims = |d: &[i64]| match d {
+            &[r, c] if r >= 0 && c >= 0 => Some((r as usize, c as usize)),
+            _ => None,
+        };
+        let ((rows, cols), (base_rows, base_cols)) =
+            dims(&codes_t.dims).zip(dims(&base_t.dims)).ok_or_else(shape_error)?;
+        let [c0, c1] = columns.unwrap_or([0, cols]);
+        let [b0, b1] = base_columns.unwrap_or([0, base_cols]);
+        let fits = c0 <= c1 && c1 <= cols && b0 <= b1 && b1 <= base_cols;
+        if !fits
+            || c1 - c0 != b1 - b0
+            || rows != base_rows
+            || rows.checked_mul(cols) != Some(codes.len())
+            || rows.checked_mul(base_cols) != Some(base.len())
+        {
+            return Err(shape_error());
         }
         // Stored orientation: linear weights [in, out] (scales per output column, blocks
         // down the rows); the embedding [vocab, hidden] (scales per row, blocks along it).
-        let (rows, cols) = (codes_t.dims[0] as usize, codes_t.dims[1] as usize);
         let embedding = t.name == "model.embed_tokens.weight";
         let block = t.scheme.block_size.max(1);
         let index = |r: usize, c: usize| -> usize {
@@ -81,9 +103,9 @@ pub fn compare(candidate: &ArtifactFiles, baseline: &ArtifactFiles) -> Result<In
             }
         };
         let signed = zps.is_none();
-        let mut decoded = Vec::with_capacity(codes.len());
+        let mut decoded = Vec::with_capacity(rows * (c1 - c0));
         for r in 0..rows {
-            for c in 0..cols {
+            for c in c0..c1 {
                 let k = index(r, c);
                 let code = codes[r * cols + c];
                 let centered =
@@ -95,9 +117,10 @@ pub fn compare(candidate: &ArtifactFiles, baseline: &ArtifactFiles) -> Result<In
                 decoded.push(centered * scale);
             }
         }
-        let view = |v: &[f32]| ndarray::ArrayView2::from_shape((rows, cols), v).map(|a| a.to_owned());
-        let (a, b) = (view(&base), view(&decoded));
-        let (Ok(a), Ok(b)) = (a, b) else { return Err(CheckError::Run(format!("{}: shape", t.name))) };
+        let base = ndarray::ArrayView2::from_shape((rows, base_cols), &base)
+            .map(|a| a.slice(ndarray::s![.., b0..b1]).to_owned());
+        let decoded = ndarray::ArrayView2::from_shape((rows, c1 - c0), &decoded).map(|a| a.to_owned());
+        let (Ok(a), Ok(b)) = (base, decoded) else { return Err(CheckError::Run(format!("{}: shape", t.name))) };
         let actual = QuantError::between(a.view(), b.view()).rel_frobenius;
         out.tensors += 1;
         out.max_rel_error = out.max_rel_error.max(actual);
@@ -106,4 +129,12 @@ pub fn compare(candidate: &ArtifactFiles, baseline: &ArtifactFiles) -> Result<In
         }
     }
     Ok(out)
+}
+
+/// The initializer holding report `t`'s matrix, and its columns there when packed.
+fn location(t: &TensorReport) -> (&str, Option<[usize; 2]>) {
+    match &t.packed {
+        Some(p) => (&p.tensor, Some(p.columns)),
+        None => (&t.name, None),
+    }
 }

@@ -214,7 +214,7 @@ impl GraphBuilder {
     }
 
     /// Adds node `name` of operator set `domain` (`""` for the default one) with the given
-    /// outputs; an empty input name skips an optional input.
+    /// outputs; an empty input or output name skips an optional one.
     pub fn op_in(
         &mut self,
         domain: &str,
@@ -225,7 +225,7 @@ impl GraphBuilder {
         outputs: &[&str],
     ) {
         self.claim(name);
-        for output in outputs {
+        for output in outputs.iter().filter(|o| !o.is_empty()) {
             self.claim(output);
         }
         if !domain.is_empty() {

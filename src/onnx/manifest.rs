@@ -11,7 +11,7 @@ use super::ExportError;
 use crate::model::ModelConfig;
 
 /// Artifact format version; bumped when readers must change.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// File names inside an artifact directory.
 pub const MODEL_FILE: &str = "model.onnx";
 /// The ONNX Runtime serving graph (GroupQueryAttention, shared KV buffers).

@@ -47,8 +47,14 @@ impl ServingDecoder {
                 manifest.max_context
             )));
         }
-        let session = open_session(&dir.join(manifest::SERVING_FILE), opts)?;
         let c = &manifest.config;
+        if c.head_dim % 16 != 0 {
+            return Err(bad(format!(
+                "head_dim {}: ONNX Runtime's GroupQueryAttention (serving.onnx) needs a multiple of 16",
+                c.head_dim
+            )));
+        }
+        let session = open_session(&dir.join(manifest::SERVING_FILE), opts)?;
         let len = slots * c.num_kv_heads * context * c.head_dim;
         let kv = (0..c.num_layers).map(|_| [vec![0f32; len], vec![0f32; len]]).collect();
         let run =
@@ -73,17 +79,15 @@ impl ServingDecoder {
         c.num_kv_heads * self.context * c.head_dim
     }
 
-    /// Runs slots `first..first + rows`, `seq` new tokens each (`ids` and `positions`
-    /// row-major), `seqlens[r]` = total length of row r − 1; returns the logits of each
-    /// row's last `last` tokens, `[rows × last, vocab]`.
-    #[allow(clippy::too_many_arguments)]
+    /// Runs slots `first..first + rows`, `seq` new tokens each (`ids` row-major),
+    /// `seqlens[r]` = total length of row r − 1 (its new tokens take the last `seq`
+    /// positions); returns the logits of each row's last `last` tokens, `[rows × last, vocab]`.
     fn run(
         &mut self,
         first: usize,
         rows: usize,
         seq: usize,
         ids: Vec<i64>,
-        positions: Vec<i64>,
         seqlens: Vec<i32>,
         last: usize,
     ) -> Result<Array2<f32>, RuntimeError> {
@@ -91,7 +95,6 @@ impl ServingDecoder {
         let total = seqlens.iter().max().map_or(0, |m| m + 1);
         let mut feeds: Vec<(String, DynValue)> = vec![
             ("input_ids".into(), Tensor::from_array(([rows, seq], ids)).map_err(err)?.into_dyn()),
-            ("position_ids".into(), Tensor::from_array(([rows, seq], positions)).map_err(err)?.into_dyn()),
             ("seqlens_k".into(), Tensor::from_array(([rows], seqlens)).map_err(err)?.into_dyn()),
             ("total_sequence_length".into(), Tensor::from_array(ndarray::arr0(total)).map_err(err)?.into_dyn()),
             ("logits_to_keep".into(), Tensor::from_array(([1], vec![last as i64])).map_err(err)?.into_dyn()),
@@ -190,9 +193,8 @@ impl Forward for ServingDecoder {
             )));
         }
         let ids = tokens.iter().map(|&t| t as i64).collect();
-        let positions = (past..past + tokens.len()).map(|p| p as i64).collect();
         let seqlens = vec![(past + tokens.len() - 1) as i32];
-        self.run(slot, 1, tokens.len(), ids, positions, seqlens, last)
+        self.run(slot, 1, tokens.len(), ids, seqlens, last)
     }
 
     fn step(&mut self, rows: &[(u32, usize)]) -> Result<Array2<f32>, RuntimeError> {
@@ -205,9 +207,8 @@ impl Forward for ServingDecoder {
             )));
         }
         let ids = rows.iter().map(|&(t, _)| t as i64).collect();
-        let positions = rows.iter().map(|&(_, p)| p as i64).collect();
         let seqlens = rows.iter().map(|&(_, p)| p as i32).collect();
-        self.run(0, rows.len(), 1, ids, positions, seqlens, 1)
+        self.run(0, rows.len(), 1, ids, seqlens, 1)
     }
 
     fn move_slot(&mut self, from: usize, to: usize, len: usize) -> Result<(), RuntimeError> {

@@ -150,9 +150,9 @@ pub struct TinySpec {
 }
 
 pub const TINY_HIDDEN: usize = 32;
-pub const TINY_HEADS: usize = 4;
-pub const TINY_KV_HEADS: usize = 2;
-pub const TINY_HEAD_DIM: usize = 8;
+pub const TINY_HEADS: usize = 2;
+pub const TINY_KV_HEADS: usize = 1;
+pub const TINY_HEAD_DIM: usize = 16;
 pub const TINY_FFN: usize = 48;
 pub const TINY_LAYERS: usize = 2;
 pub const TINY_ROPE_THETA: f32 = 10_000.0;
