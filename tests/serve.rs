@@ -118,7 +118,8 @@ const PROMPTS: [&str; 4] =
 fn python_client_streams_cancels_and_sees_errors() {
     // Exact f32 products (accuracy level 1), so speculative output must equal plain output.
     let server = Server::start(&["--accuracy-level", "1"]);
-    let (prompt, max_tokens) = (PROMPTS[0], 40);
+    // Long enough that the stream is still running when the client asks, after its first delta.
+    let (prompt, max_tokens) = (PROMPTS[0], 200);
     let out = common::kiln(&[
         "generate",
         common::artifact("int4").to_str().expect("utf-8"),
