@@ -366,8 +366,7 @@ impl Decoder<'_, '_> {
             "gate_up_proj",
             scheme_for,
         )?;
-        let [gate, up] = <[String; 2]>::try_from(self.separate(&format!("{p}/mlp/gate_up_proj"), gate_up))
-            .map_err(|_| ExportError::Internal("gate/up split".into()))?;
+        let [gate, up] = self.separate(&format!("{p}/mlp/gate_up_proj"), gate_up)?;
         let g = &mut self.g;
         let sig = g.op("Sigmoid", &format!("{p}/mlp/act/Sigmoid"), &[&gate], &[]);
         let act = g.op("Mul", &format!("{p}/mlp/act/Mul"), &[&gate, &sig], &[]);
@@ -415,22 +414,20 @@ impl Decoder<'_, '_> {
 
     /// Attention of layer `i` over its q/k/v projections, by the graph's form.
     fn attention(&mut self, i: usize, p: &str, qkv: Projections, s: &Shared) -> Result<String, ExportError> {
-        let three = |v: Vec<String>| <[String; 3]>::try_from(v).map_err(|_| ExportError::Internal("q/k/v".into()));
-        Ok(match s {
-            Shared::Portable { cos_q, sin_q, cos_k, sin_k, mask } => {
-                let [q, k, v] = three(self.separate(&format!("{p}/attn/qkv_proj"), qkv))?;
+        let split = format!("{p}/attn/qkv_proj");
+        Ok(match (s, qkv) {
+            (Shared::Portable { cos_q, sin_q, cos_k, sin_k, mask }, qkv) => {
+                let [q, k, v] = self.separate(&split, qkv)?;
                 self.portable_attention(i, p, [&q, &k, &v], [cos_q, sin_q, cos_k, sin_k], mask)
             }
             // GroupQueryAttention takes q, k and v packed in its query input.
-            Shared::Serving { cos_cache, sin_cache } => match qkv {
-                Projections::Packed { output, .. } => {
-                    self.group_query_attention(i, p, [&output, "", ""], cos_cache, sin_cache)
-                }
-                Projections::Separate(v) => {
-                    let [q, k, v] = three(v)?;
-                    self.group_query_attention(i, p, [&q, &k, &v], cos_cache, sin_cache)
-                }
-            },
+            (Shared::Serving { cos_cache, sin_cache }, Projections::Packed { output, .. }) => {
+                self.group_query_attention(i, p, [&output, "", ""], cos_cache, sin_cache)
+            }
+            (Shared::Serving { cos_cache, sin_cache }, qkv) => {
+                let [q, k, v] = self.separate(&split, qkv)?;
+                self.group_query_attention(i, p, [&q, &k, &v], cos_cache, sin_cache)
+            }
         })
     }
 
@@ -618,9 +615,9 @@ impl Decoder<'_, '_> {
         Ok(Projections::Packed { output, widths })
     }
 
-    /// The projections one by one (a packed output Split by its widths).
-    fn separate(&mut self, p: &str, projections: Projections) -> Vec<String> {
-        match projections {
+    /// The `N` projections one by one (a packed output Split by its widths).
+    fn separate<const N: usize>(&mut self, p: &str, projections: Projections) -> Result<[String; N], ExportError> {
+        let outputs = match projections {
             Projections::Separate(outputs) => outputs,
             Projections::Packed { output, widths } => {
                 let g = &mut self.g;
@@ -630,7 +627,9 @@ impl Decoder<'_, '_> {
                 g.op_in("", "Split", &format!("{p}/Split"), &[&output, &sizes], &[("axis", Attr::Int(-1))], &refs);
                 outputs
             }
-        }
+        };
+        let n = outputs.len();
+        outputs.try_into().map_err(|_| ExportError::Internal(format!("{p}: {n} projections, {N} expected")))
     }
 
     /// A weight `[out, in]` as the right operand of MatMul, `[in, out]` in f32 (stored as
@@ -650,7 +649,7 @@ impl Decoder<'_, '_> {
         Ok(match scheme.precision {
             Precision::Fp32 => (Stored::Float(w.clone()), n * 4, QuantError { rel_frobenius: 0.0, max_abs: 0.0 }),
             Precision::Fp16 => {
-                let back = w.mapv(|v| half::f16::from_f32(v).to_f32());
+                let back = w.mapv(to_f16_and_back);
                 let error = QuantError::between(w.view(), back.view());
                 (Stored::Float(w.clone()), n * 2, error)
             }
@@ -893,7 +892,12 @@ fn concat(parts: Vec<Stored>) -> Result<Stored, ExportError> {
 
 /// f32 values after a round trip through f16.
 fn half_round(values: &[f32]) -> Vec<f32> {
-    values.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect()
+    values.iter().copied().map(to_f16_and_back).collect()
+}
+
+/// One f32 value after a round trip through f16.
+fn to_f16_and_back(v: f32) -> f32 {
+    half::f16::from_f32(v).to_f32()
 }
 
 /// cos and sin tables `[max_context, head_dim]` for rotate-half rotary embeddings,
