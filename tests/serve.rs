@@ -65,6 +65,15 @@ impl Server {
         r.into_inner().status
     }
 
+    /// CPU time the server process has used, in clock ticks (user + system).
+    fn cpu_ticks(&self) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).expect("proc stat");
+        // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+        let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+    }
+
     fn rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).expect("proc status");
         let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS");
@@ -251,6 +260,12 @@ async fn thirty_two_streams_then_a_hundred_cancelled() {
     assert!(after < before + 64 * 1024, "RSS grew from {before} KiB to {after} KiB");
     assert_eq!(server.health().await, 1, "health is still SERVING");
     let again = complete(&mut client, request(0)).await.expect("after");
+    // ONNX Runtime's threads spin between kernels, never once a run is over.
+    let ticks = server.cpu_ticks();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle = server.cpu_ticks() - ticks;
+    println!("CPU of the idle server in the second after its last request: {idle} clock ticks");
+    assert!(idle <= 2, "the idle server used {idle} clock ticks of CPU in one second");
     assert_eq!(again.1, alone[0].1, "greedy output unchanged after the storm");
     let metrics = http_get(&server.metrics).await;
     let cancelled = metric(&metrics, "kiln_requests_total{finish_reason=\"cancelled\"}");
