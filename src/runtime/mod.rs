@@ -13,8 +13,10 @@ use ort::session::Session;
 use ort::value::Tensor;
 
 use crate::model::cache_dir;
+use crate::onnx::decoder::GraphForm;
 use crate::onnx::manifest::{self, Manifest};
 
+pub mod attention;
 mod serving;
 
 pub use serving::ServingDecoder;
@@ -281,9 +283,10 @@ fn read_manifest(dir: &Path) -> Result<Manifest, RuntimeError> {
         .map_err(|e| RuntimeError::Artifact { path: dir.join(manifest::MANIFEST_FILE), reason: e.to_string() })
 }
 
-/// A session for the graph at `path` with `opts`. A GPU provider that cannot register is
-/// an error, never a silent fallback to the CPU.
-fn open_session(path: &Path, opts: &SessionOptions) -> Result<Session, RuntimeError> {
+/// A session for the graph at `path` (of `form`) with `opts`. A GPU provider that cannot
+/// register is an error, never a silent fallback to the CPU. On the CPU, the serving graph's
+/// attention runs kiln's kernel ([`attention`]).
+fn open_session(path: &Path, form: GraphForm, opts: &SessionOptions) -> Result<Session, RuntimeError> {
     let env = environment()?;
     let fail = |reason: String| RuntimeError::Session { path: path.to_path_buf(), reason };
     let level = match opts.optimization {
@@ -336,7 +339,19 @@ fn open_session(path: &Path, opts: &SessionOptions) -> Result<Session, RuntimeEr
     if let Some(p) = &opts.optimized_model_path {
         b = b.with_optimized_model_path(p).map_err(|e| fail(e.to_string()))?;
     }
-    let session = b.commit_from_file(path).map_err(|e| fail(e.to_string()))?;
+    let session = if form == GraphForm::Serving && opts.provider == Provider::Cpu {
+        let bytes = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
+        let graph = attention::cpu_graph(&bytes).map_err(fail)?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        b.with_operators(attention::domain().map_err(|e| fail(e.to_string()))?)
+            .map_err(|e| fail(e.to_string()))?
+            .with_config_entry("session.model_external_initializers_file_folder_path", dir.display().to_string())
+            .map_err(|e| fail(e.to_string()))?
+            .commit_from_memory(&graph)
+            .map_err(|e| fail(e.to_string()))?
+    } else {
+        b.commit_from_file(path).map_err(|e| fail(e.to_string()))?
+    };
     release_freed_heap();
     Ok(session)
 }
@@ -397,7 +412,7 @@ impl OrtDecoder {
     /// error, never a silent fallback to the CPU.
     pub fn open(dir: &Path, opts: &SessionOptions) -> Result<Self, RuntimeError> {
         let manifest = read_manifest(dir)?;
-        let session = open_session(&dir.join(manifest::MODEL_FILE), opts)?;
+        let session = open_session(&dir.join(manifest::MODEL_FILE), GraphForm::Portable, opts)?;
         Ok(OrtDecoder { session, manifest })
     }
 

@@ -18,6 +18,7 @@ use ort::value::{DynValue, Tensor, Value};
 use ort::AsPointer;
 
 use super::{open_session, read_manifest, Forward, RuntimeError, SessionOptions};
+use crate::onnx::decoder::GraphForm;
 use crate::onnx::manifest::{self, Manifest};
 
 /// An artifact's serving graph with its KV buffers.
@@ -54,7 +55,7 @@ impl ServingDecoder {
                 c.head_dim
             )));
         }
-        let session = open_session(&dir.join(manifest::SERVING_FILE), opts)?;
+        let session = open_session(&dir.join(manifest::SERVING_FILE), GraphForm::Serving, opts)?;
         let len = slots * c.num_kv_heads * context * c.head_dim;
         let kv = (0..c.num_layers).map(|_| [vec![0f32; len], vec![0f32; len]]).collect();
         let run =
