@@ -16,7 +16,7 @@ use crate::model::cache_dir;
 use crate::onnx::decoder::GraphForm;
 use crate::onnx::manifest::{self, Manifest};
 
-pub mod attention;
+mod attention;
 mod serving;
 
 pub use serving::ServingDecoder;
