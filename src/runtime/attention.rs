@@ -311,8 +311,8 @@ impl Attention<'_> {
             let (row, g, queries, _) = at(task);
             for t in queries.clone() {
                 for j in 0..group {
-                    let at = ((t - queries.start) * group + j) * (d + 2);
-                    let parts = || (0..chunks).map(|c| &partials[(task + c) * part + at..][..d + 2]);
+                    let offset = ((t - queries.start) * group + j) * (d + 2);
+                    let parts = || (0..chunks).map(|c| &partials[(task + c) * part + offset..][..d + 2]);
                     let max = parts().fold(f32::NEG_INFINITY, |m, p| m.max(p[0]));
                     let y = &mut out[((row * seq + t) * heads + g * group + j) * d..][..d];
                     y.fill(0.0);
@@ -451,6 +451,16 @@ mod lanes {
         }
     }
 
+    /// The eight values of `x` from `i` (bounds-checked).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn load8(x: &[f32], i: usize) -> __m256 {
+        let v = &x[i..i + 8];
+        // SAFETY: `v` holds eight values.
+        unsafe { _mm256_loadu_ps(v.as_ptr()) }
+    }
+
     /// Four keys at a time, their four sums reduced together. `q.len()` is a multiple of 8.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
@@ -458,18 +468,14 @@ mod lanes {
     fn scores_avx2(q: &[f32], keys: &[f32], out: &mut [f32]) {
         let d = q.len();
         let n = out.len().min(keys.len() / d);
-        let load = |x: &[f32], i: usize| {
-            // SAFETY: callers index 8 values within `x` (`i + 8 <= x.len()`).
-            unsafe { _mm256_loadu_ps(x.as_ptr().add(i)) }
-        };
         let mut k = 0;
         while k + 4 <= n {
             let rows = &keys[k * d..(k + 4) * d];
             let mut acc = [_mm256_setzero_ps(); 4];
             for i in (0..d).step_by(8) {
-                let qi = load(q, i);
+                let qi = load8(q, i);
                 for (r, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_fmadd_ps(qi, load(rows, r * d + i), *a);
+                    *a = _mm256_fmadd_ps(qi, load8(rows, r * d + i), *a);
                 }
             }
             // [a0+a1 pairs, a2+a3 pairs] → one sum per key in each 128-bit half, then halves added.
@@ -484,7 +490,7 @@ mod lanes {
         for (o, key) in out[k..n].iter_mut().zip(keys[k * d..].chunks_exact(d)) {
             let mut a = _mm256_setzero_ps();
             for i in (0..d).step_by(8) {
-                a = _mm256_fmadd_ps(load(q, i), load(key, i), a);
+                a = _mm256_fmadd_ps(load8(q, i), load8(key, i), a);
             }
             let h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps::<1>(a));
             let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
@@ -499,10 +505,6 @@ mod lanes {
     fn weighted_sum_avx2(w: &[f32], values: &[f32], acc: &mut [f32]) {
         let d = acc.len();
         let n = w.len().min(values.len() / d);
-        let load = |x: &[f32], i: usize| {
-            // SAFETY: callers index 8 values within `x` (`i + 8 <= x.len()`).
-            unsafe { _mm256_loadu_ps(x.as_ptr().add(i)) }
-        };
         let mut col = 0;
         while col < d {
             let width = (d - col).min(32) / 8;
@@ -510,7 +512,7 @@ mod lanes {
             for (k, &wk) in w[..n].iter().enumerate() {
                 let wv = _mm256_set1_ps(wk);
                 for (j, aj) in a[..width].iter_mut().enumerate() {
-                    *aj = _mm256_fmadd_ps(wv, load(values, k * d + col + 8 * j), *aj);
+                    *aj = _mm256_fmadd_ps(wv, load8(values, k * d + col + 8 * j), *aj);
                 }
             }
             for (j, aj) in a[..width].iter().enumerate() {
