@@ -196,3 +196,41 @@ fn chat_prompts_use_the_model_template() {
         .expect("output");
     assert!(out.text.contains('4'), "the model answers: {:?}", out.text);
 }
+
+/// Op types of the graph ONNX Runtime optimized for a CPU serving session of `artifact`.
+fn optimized_ops(artifact: &str, accuracy: Option<u8>) -> Vec<String> {
+    use prost::Message as _;
+    let out = tempfile::tempdir().expect("temp dir");
+    let path = out.path().join("optimized.onnx");
+    let opts = SessionOptions {
+        optimized_model_path: Some(path.clone()),
+        matmul_accuracy_level: accuracy,
+        ..Default::default()
+    };
+    ServingDecoder::open(&common::artifact(artifact), &opts, 1, 16).expect("serving session");
+    let bytes = std::fs::read(&path).expect("optimized graph");
+    let model = tract_onnx::pb::ModelProto::decode(&bytes[..]).expect("ONNX");
+    model.graph.expect("graph").node.into_iter().map(|n| n.op_type).collect()
+}
+
+#[test]
+fn quantized_matmuls_run_kilns_kernel_where_the_cpu_has_vnni() {
+    let count = |ops: &[String], op: &str| ops.iter().filter(|o| *o == op).count();
+    let vnni = std::arch::is_x86_feature_detected!("avx512vnni")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512f");
+    // SmolLM2: 30 layers × (qkv, o, gate_up, down) + the lm_head.
+    for artifact in ["int4", "int8", "int4-g64-sym"] {
+        let ops = optimized_ops(artifact, None);
+        let (kiln, ort) = (count(&ops, "QuantizedMatMul"), count(&ops, "MatMulNBits"));
+        if vnni {
+            assert_eq!((kiln, ort), (121, 0), "{artifact}");
+        } else {
+            println!("SKIPPED kiln's kernel for {artifact}: this CPU lacks AVX-512 VNNI (MatMulNBits runs)");
+            assert_eq!((kiln, ort), (0, 121), "{artifact}");
+        }
+    }
+    // f32 arithmetic asked for: ONNX Runtime's MatMulNBits at accuracy level 1.
+    let ops = optimized_ops("int4", Some(1));
+    assert_eq!((count(&ops, "QuantizedMatMul"), count(&ops, "MatMulNBits")), (0, 121));
+}

@@ -1,5 +1,6 @@
 //! Speculative decoding on the real model: greedy output through every drafter and draft
-//! length is the FP32 target's own greedy output, alone and with four requests at once.
+//! length is the FP32 target's own greedy output, alone and with four requests at once; an INT4
+//! target's is its plain greedy output too where kiln's quantized MatMul runs.
 
 mod common;
 
@@ -122,4 +123,29 @@ fn a_draft_with_another_vocabulary_is_refused() {
     std::fs::write(&manifest, text.replace(&m.tokenizer.vocab_sha256, &"0".repeat(64))).expect("write");
     let err = draft_opener(&copy, &m, &SessionOptions::default(), 1, 64).err().expect("refused");
     assert!(err.to_string().contains("another vocabulary"), "{err}");
+}
+
+#[test]
+fn an_int4_target_verifies_with_the_numerics_it_decodes_with() {
+    // kiln's quantized MatMul (AVX-512 VNNI CPUs) computes each row alone: verifying K + 1
+    // tokens gives each position the logits a one-token step would, so greedy speculative
+    // output is plain decoding's token for token at the default accuracy level.
+    if !(std::arch::is_x86_feature_detected!("avx512vnni") && std::arch::is_x86_feature_detected!("avx512bw")) {
+        println!("SKIPPED: this CPU lacks AVX-512 VNNI; ONNX Runtime's MatMulNBits verifies with other kernels");
+        return;
+    }
+    let target = common::artifact("int4");
+    let plain = engine(&target, None, 1);
+    let spec = engine(&target, None, 1);
+    let (mut drafted, mut accepted) = (0, 0);
+    for prompt in prompts() {
+        let want = plain.submit(request(&prompt, None)).expect("submit").collect().expect("plain").token_ids;
+        let lookup = Speculation { method: DraftMethod::PromptLookup, draft_tokens: 4 };
+        let out = spec.submit(request(&prompt, Some(lookup))).expect("submit").collect().expect("speculative");
+        assert_eq!(out.token_ids, want, "{prompt:?}");
+        let stats = out.summary.expect("summary").speculative.expect("stats");
+        (drafted, accepted) = (drafted + stats.drafted, accepted + stats.accepted);
+    }
+    println!("int4, prompt lookup, K = 4: {accepted} of {drafted} drafted tokens accepted");
+    assert!(accepted > 0, "no multi-token verification was exercised");
 }

@@ -7,43 +7,28 @@
 //! packed, rotary applied inside, past and present sharing one buffer, optional sliding
 //! window) and reads each key and value once per group of query heads that share it.
 //!
-//! CPU sessions of `serving.onnx` run it: [`cpu_graph`] moves the graph's attention nodes
-//! into the [`DOMAIN`] domain at load; the artifact keeps the standard contrib op, which the
-//! CUDA and TensorRT providers run.
+//! CPU sessions of `serving.onnx` run it: [`move_nodes`] moves the graph's attention nodes
+//! into kiln's domain at load; the artifact keeps the standard contrib op, which the CUDA and
+//! TensorRT providers run.
 
-use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorDomain, OperatorInput, OperatorOutput};
+use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorInput, OperatorOutput};
 use ort::value::TensorElementType;
-use prost::Message;
 use tract_onnx::pb;
-
-/// The operator domain of kiln's CPU kernels.
-pub const DOMAIN: &str = "ai.kiln";
 
 const OP: &str = "GroupQueryAttention";
 
-/// The operator domain a CPU session of the serving graph registers.
-pub fn domain() -> ort::Result<OperatorDomain> {
-    OperatorDomain::new(DOMAIN)?.add(CachedAttention)
-}
-
-/// `serving.onnx` (its bytes) with its GroupQueryAttention nodes in [`DOMAIN`].
-pub fn cpu_graph(bytes: &[u8]) -> Result<Vec<u8>, String> {
-    let mut model = pb::ModelProto::decode(bytes).map_err(|e| format!("not an ONNX model: {e}"))?;
-    let graph = model.graph.as_mut().ok_or("the model has no graph")?;
+/// Moves `graph`'s GroupQueryAttention nodes into `domain`; returns how many.
+pub fn move_nodes(graph: &mut pb::GraphProto, domain: &str) -> usize {
     let mut moved = 0;
     for node in graph.node.iter_mut().filter(|n| n.op_type == OP && n.domain == "com.microsoft") {
-        node.domain = DOMAIN.into();
+        node.domain = domain.into();
         moved += 1;
     }
-    if moved == 0 {
-        return Err("the graph has no GroupQueryAttention node".into());
-    }
-    model.opset_import.push(pb::OperatorSetIdProto { domain: DOMAIN.into(), version: 1 });
-    Ok(model.encode_to_vec())
+    moved
 }
 
 /// The operator: inputs and attributes as GroupQueryAttention's.
-struct CachedAttention;
+pub struct CachedAttention;
 
 impl Operator for CachedAttention {
     type Kernel<'attr> = AttentionKernel;
@@ -106,7 +91,7 @@ impl Operator for CachedAttention {
 }
 
 /// One attention node's settings.
-struct AttentionKernel {
+pub struct AttentionKernel {
     heads: usize,
     kv_heads: usize,
     window: Option<usize>,

@@ -17,6 +17,8 @@ use crate::onnx::decoder::GraphForm;
 use crate::onnx::manifest::{self, Manifest};
 
 mod attention;
+mod cpu;
+mod matmul;
 mod serving;
 
 pub use serving::ServingDecoder;
@@ -341,9 +343,11 @@ fn open_session(path: &Path, form: GraphForm, opts: &SessionOptions) -> Result<S
     }
     let session = if form == GraphForm::Serving && opts.provider == Provider::Cpu {
         let bytes = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
-        let graph = attention::cpu_graph(&bytes).map_err(fail)?;
+        // Accuracy levels below 4 ask for f32 arithmetic: MatMulNBits keeps the products then.
+        let int8_matmuls = opts.matmul_accuracy_level.is_none_or(|level| level >= 4);
+        let graph = cpu::graph(&bytes, int8_matmuls).map_err(fail)?;
         let dir = path.parent().unwrap_or(Path::new("."));
-        b.with_operators(attention::domain().map_err(|e| fail(e.to_string()))?)
+        b.with_operators(cpu::domain().map_err(|e| fail(e.to_string()))?)
             .map_err(|e| fail(e.to_string()))?
             .with_config_entry("session.model_external_initializers_file_folder_path", dir.display().to_string())
             .map_err(|e| fail(e.to_string()))?

@@ -1,0 +1,35 @@
+//! kiln's own CPU kernels for `serving.onnx`, as ONNX Runtime custom operators.
+//!
+//! The artifact keeps standard operators (the contrib GroupQueryAttention, `DequantizeLinear
+//! → MatMul`), which the CUDA and TensorRT providers run. A CPU session loads the graph with
+//! [`graph`], which moves those nodes into the [`DOMAIN`] domain, and registers [`domain`].
+
+use ort::operator::OperatorDomain;
+use prost::Message;
+use tract_onnx::pb;
+
+use super::{attention, matmul};
+
+/// The operator domain of kiln's CPU kernels.
+const DOMAIN: &str = "ai.kiln";
+
+/// The operators a CPU session of the serving graph registers.
+pub fn domain() -> ort::Result<OperatorDomain> {
+    OperatorDomain::new(DOMAIN)?.add(attention::CachedAttention)?.add(matmul::QuantizedMatMul)
+}
+
+/// `serving.onnx` (its bytes) for a CPU session: attention always runs kiln's kernel;
+/// quantized MatMuls do where `int8_matmuls` (int8 activations allowed) and the CPU has
+/// AVX-512 VNNI, else ONNX Runtime fuses them into MatMulNBits as before.
+pub fn graph(bytes: &[u8], int8_matmuls: bool) -> Result<Vec<u8>, String> {
+    let mut model = pb::ModelProto::decode(bytes).map_err(|e| format!("not an ONNX model: {e}"))?;
+    let graph = model.graph.as_mut().ok_or("the model has no graph")?;
+    if attention::move_nodes(graph, DOMAIN) == 0 {
+        return Err("the graph has no GroupQueryAttention node".into());
+    }
+    if int8_matmuls && matmul::available() {
+        matmul::fuse(graph, DOMAIN);
+    }
+    model.opset_import.push(pb::OperatorSetIdProto { domain: DOMAIN.into(), version: 1 });
+    Ok(model.encode_to_vec())
+}

@@ -1,0 +1,806 @@
+//! Quantized-weight MatMul on the CPU as kiln's own kernel (AVX-512 VNNI).
+//!
+//! ONNX Runtime fuses the serving graph's `DequantizeLinear → MatMul` pairs into MatMulNBits,
+//! whose int8 path (accuracy level 4) costs about as much per row at 8 rows as at 1: with 8
+//! concurrent streams a decode step took 3-4× a single stream's, the matrix products bound.
+//! This kernel packs each weight once, at session start, 16 output columns by 4 inputs per
+//! 64-byte vector (two such groups per vector for 4-bit weights, one in each nibble), so that
+//! one `vpdpbusd` multiplies 64 weights by 4 broadcast activations; one weight load serves up
+//! to 8 rows.
+//!
+//! The arithmetic is MatMulNBits' accuracy level 4 on every row alone: each row's activations
+//! are quantized to int8 per block of 32 inputs (scale max|a| / 127), products are summed
+//! exactly in int32 per block, then scaled in f32 block by block in input order. A row's result
+//! therefore does not depend on the other rows of the call.
+//!
+//! CPU sessions of `serving.onnx` run it where the CPU has AVX-512 VNNI and the session keeps
+//! ONNX Runtime's default accuracy level: [`fuse`] rewrites the pairs at load.
+
+use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorInput, OperatorOutput};
+use ort::value::{DynTensor, DynTensorValueType, TensorElementType};
+use tract_onnx::pb;
+
+const OP: &str = "QuantizedMatMul";
+
+/// Inputs per activation block (one int8 scale each).
+const BLOCK: usize = 32;
+/// Output columns per packed tile (one 512-bit vector of f32 or i32).
+const TILE: usize = 16;
+/// Rows sharing one pass over a tile's weights.
+const ROWS: usize = 8;
+
+/// Whether this CPU runs the kernel.
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vnni");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Rewrites every `DequantizeLinear(W) → MatMul(A, ·)` of `graph` whose weight is a 2-D 4- or
+/// 8-bit initializer, dequantized per tensor, per output column or in blocks along the inputs
+/// (a multiple of 32), into one [`OP`] node in `domain`. Returns how many were rewritten.
+pub fn fuse(graph: &mut pb::GraphProto, domain: &str) -> usize {
+    let weights: std::collections::HashMap<&str, &pb::TensorProto> = graph
+        .initializer
+        .iter()
+        .filter(|t| t.dims.len() == 2 && Storage::of(t.data_type).is_some())
+        .map(|t| (t.name.as_str(), t))
+        .collect();
+    let uses = |name: &str| graph.node.iter().flat_map(|n| &n.input).filter(|i| *i == name).count();
+    let mut fused = Vec::new();
+    for (d, dq) in graph.node.iter().enumerate() {
+        if dq.op_type != "DequantizeLinear" || !dq.domain.is_empty() || dq.output.len() != 1 {
+            continue;
+        }
+        let Some(weight) = dq.input.first().and_then(|w| weights.get(w.as_str())) else { continue };
+        let int = |name: &str| dq.attribute.iter().find(|a| a.name == name).map(|a| a.i);
+        let (axis, block) = (int("axis").unwrap_or(1), int("block_size").unwrap_or(0));
+        let scale_rank = graph.initializer.iter().find(|t| Some(&t.name) == dq.input.get(1)).map(|t| t.dims.len());
+        let constant =
+            |i: usize| dq.input.get(i).is_none_or(|x| x.is_empty() || graph.initializer.iter().any(|t| t.name == *x));
+        let supported = constant(2)
+            && match (scale_rank, axis) {
+                (Some(0), _) | (Some(1), 1) => true,
+                (Some(2), 0) => block > 0 && (block as usize).is_multiple_of(BLOCK),
+                _ => false,
+            };
+        let out = &dq.output[0];
+        let consumer = graph
+            .node
+            .iter()
+            .position(|n| n.op_type == "MatMul" && n.domain.is_empty() && n.input.len() == 2 && n.input[1] == *out);
+        if let (true, Some(m), 1) = (supported, consumer, uses(out)) {
+            fused.push((d, m, weight.dims[0]));
+        }
+    }
+    let count = fused.len();
+    let mut dead = Vec::new();
+    for (d, m, _) in fused {
+        let dq = graph.node[d].clone();
+        let matmul = &mut graph.node[m];
+        matmul.op_type = OP.into();
+        matmul.domain = domain.into();
+        matmul.input = [matmul.input[0].clone()].into_iter().chain(dq.input.iter().cloned()).collect();
+        matmul.attribute =
+            dq.attribute.iter().filter(|a| a.name == "axis" || a.name == "block_size").cloned().collect();
+        dead.push(d);
+    }
+    dead.sort_unstable();
+    for d in dead.into_iter().rev() {
+        graph.node.remove(d);
+    }
+    count
+}
+
+/// The operator: `DequantizeLinear`'s inputs and attributes after the activations.
+pub struct QuantizedMatMul;
+
+impl Operator for QuantizedMatMul {
+    type Kernel<'attr> = MatMulKernel;
+
+    fn name(&self) -> &str {
+        OP
+    }
+
+    fn inputs(&self) -> impl IntoIterator<Item = OperatorInput> {
+        let any = TensorElementType::Undefined;
+        [
+            OperatorInput::required(TensorElementType::Float32),
+            OperatorInput::required(any),
+            OperatorInput::required(TensorElementType::Float32),
+            OperatorInput::optional(any),
+        ]
+    }
+
+    fn outputs(&self) -> impl IntoIterator<Item = OperatorOutput> {
+        [OperatorOutput::required(TensorElementType::Float32)]
+    }
+
+    fn create_kernel<'attr>(&self, info: &KernelContext<'attr>) -> ort::Result<MatMulKernel> {
+        let bad = |what: String| ort::Error::new(format!("kiln QuantizedMatMul: {what}"));
+        if !available() {
+            return Err(bad("this CPU lacks AVX-512 VNNI".into()));
+        }
+        let weight = info.constant_input::<DynTensorValueType>(1)?;
+        let scale = info.constant_input::<DynTensorValueType>(2)?;
+        let (_, scale) = scale.try_extract_tensor::<f32>()?;
+        let zero = info.constant_input::<DynTensorValueType>(3).ok();
+        let storage = Storage::from_element(*weight.data_type())
+            .ok_or_else(|| bad(format!("weight type {:?}", weight.data_type())))?;
+        let &[k, n] = &weight.shape()[..] else {
+            return Err(bad(format!("weight shape {:?}", weight.shape())));
+        };
+        let (k, n) = (k as usize, n as usize);
+        let bytes = |t: &DynTensor, count: usize| {
+            let len = if storage.bits() == 4 { count.div_ceil(2) } else { count };
+            // SAFETY: an ONNX Runtime tensor of `count` elements of this 4/8-bit type holds
+            // `len` bytes at its data pointer, alive while the tensor is.
+            unsafe { std::slice::from_raw_parts(t.data_ptr().cast::<u8>(), len) }
+        };
+        let int = |name: &str| info.get::<i64>(name);
+        let blocking = match (scale.len(), int("axis").unwrap_or(1)) {
+            (1, _) => Blocking::Tensor,
+            (len, 1) if len == n => Blocking::Column,
+            (len, 0) => match int("block_size") {
+                Some(b) if b > 0 && (b as usize).is_multiple_of(BLOCK) && len == k.div_ceil(b as usize) * n => {
+                    Blocking::Inputs(b as usize)
+                }
+                other => return Err(bad(format!("block_size {other:?} for {len} scales"))),
+            },
+            (len, axis) => return Err(bad(format!("{len} scales along axis {axis}"))),
+        };
+        let zero = match &zero {
+            Some(z) if Storage::from_element(*z.data_type()) != Some(storage) => {
+                return Err(bad(format!("zero point type {:?}", z.data_type())));
+            }
+            Some(z) => Some(bytes(z, scale.len())),
+            None => None,
+        };
+        let weights = Weights { storage, inputs: k, outputs: n, data: bytes(&weight, k * n), scale, zero, blocking };
+        Ok(MatMulKernel { packed: Packed::new(&weights).map_err(bad)?, rows: Quantized::default() })
+    }
+}
+
+/// How a weight's scales and zero points apply.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Blocking {
+    /// One for the whole matrix.
+    Tensor,
+    /// One per output column.
+    Column,
+    /// One per output column and block of this many inputs.
+    Inputs(usize),
+}
+
+/// A weight's element type.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Storage {
+    U4,
+    I4,
+    U8,
+    I8,
+}
+
+impl Storage {
+    fn of(onnx_type: i32) -> Option<Self> {
+        match onnx_type {
+            2 => Some(Self::U8),
+            3 => Some(Self::I8),
+            21 => Some(Self::U4),
+            22 => Some(Self::I4),
+            _ => None,
+        }
+    }
+
+    fn from_element(t: TensorElementType) -> Option<Self> {
+        match t {
+            TensorElementType::Uint8 => Some(Self::U8),
+            TensorElementType::Int8 => Some(Self::I8),
+            TensorElementType::Uint4 => Some(Self::U4),
+            TensorElementType::Int4 => Some(Self::I4),
+            _ => None,
+        }
+    }
+
+    fn bits(self) -> usize {
+        match self {
+            Self::U4 | Self::I4 => 4,
+            Self::U8 | Self::I8 => 8,
+        }
+    }
+
+    /// Element `i` of `data` (ONNX layout: 4-bit values two per byte, low nibble first),
+    /// shifted to an unsigned code (signed types + 8 or + 128).
+    fn code(self, data: &[u8], i: usize) -> u8 {
+        match self {
+            Self::U8 => data[i],
+            Self::I8 => data[i] ^ 0x80,
+            Self::U4 | Self::I4 => {
+                let nibble = (data[i / 2] >> (4 * (i % 2))) & 0x0F;
+                if self == Self::I4 {
+                    nibble ^ 0x08
+                } else {
+                    nibble
+                }
+            }
+        }
+    }
+}
+
+/// A `DequantizeLinear` weight as ONNX lays it out: `[inputs, outputs]`.
+struct Weights<'a> {
+    storage: Storage,
+    inputs: usize,
+    outputs: usize,
+    data: &'a [u8],
+    scale: &'a [f32],
+    /// Zero points, same layout as `scale` (absent: 0).
+    zero: Option<&'a [u8]>,
+    blocking: Blocking,
+}
+
+/// A weight packed for the kernel. Tile `t` holds outputs `16t..16t+16`; per activation block,
+/// 4-bit weights take 4 vectors of 64 bytes (lane `j`, byte `i`: input `8v + i` of column `j`
+/// in the low nibble, `8v + 4 + i` in the high one), 8-bit weights 8 vectors (input `4v + i`).
+/// Codes are unsigned; scales and zero points are kept per tile and weight block, 16 each.
+struct Packed {
+    bits: usize,
+    inputs: usize,
+    outputs: usize,
+    /// Activation blocks (inputs padded with zeros to a multiple of 32).
+    blocks: usize,
+    /// Activation blocks per weight block.
+    per_scale: usize,
+    /// Weight blocks per tile.
+    scale_blocks: usize,
+    codes: Vec<u8>,
+    scales: Vec<f32>,
+    zeros: Vec<u8>,
+}
+
+impl Packed {
+    fn new(w: &Weights) -> Result<Self, String> {
+        let (k, n) = (w.inputs, w.outputs);
+        let blocks = k.div_ceil(BLOCK);
+        let (scale_blocks, per_scale) = match w.blocking {
+            Blocking::Inputs(b) => (k.div_ceil(b), b / BLOCK),
+            Blocking::Tensor | Blocking::Column => (1, blocks.max(1)),
+        };
+        let expected_scales = match w.blocking {
+            Blocking::Tensor => 1,
+            Blocking::Column => n,
+            Blocking::Inputs(_) => scale_blocks * n,
+        };
+        let expected_bytes = if w.storage.bits() == 4 { (k * n).div_ceil(2) } else { k * n };
+        if k == 0 || n == 0 || w.scale.len() != expected_scales || w.data.len() != expected_bytes {
+            return Err(format!("{k}×{n} weight with {} scales and {} bytes", w.scale.len(), w.data.len()));
+        }
+        let zero_bytes = if w.storage.bits() == 4 { expected_scales.div_ceil(2) } else { expected_scales };
+        if w.zero.is_some_and(|z| z.len() != zero_bytes) {
+            return Err(format!("{} zero point bytes for {expected_scales} scales", w.zero.map_or(0, <[u8]>::len)));
+        }
+        let tiles = n.div_ceil(TILE);
+        let bits = w.storage.bits();
+        let tile_bytes = blocks * BLOCK * TILE * bits / 8;
+        let mut codes = vec![0u8; tiles * tile_bytes];
+        let mut scales = vec![0f32; tiles * scale_blocks * TILE];
+        let mut zeros = vec![0u8; tiles * scale_blocks * TILE];
+        let scale_index = |kk: usize, col: usize| match w.blocking {
+            Blocking::Tensor => 0,
+            Blocking::Column => col,
+            Blocking::Inputs(b) => kk / b * n + col,
+        };
+        // Zero points are stored like the weights: codes of the same type.
+        let zero_code = |i: usize| match w.zero {
+            Some(z) => w.storage.code(z, i),
+            None => w.storage.code(&[0], 0),
+        };
+        for col in 0..n {
+            let (t, j) = (col / TILE, col % TILE);
+            for sb in 0..scale_blocks {
+                let first = sb * per_scale * BLOCK;
+                let at = (t * scale_blocks + sb) * TILE + j;
+                scales[at] = w.scale[scale_index(first, col)];
+                zeros[at] = zero_code(scale_index(first, col));
+            }
+        }
+        // Input by input (the source's rows, in order); each row's codes land at one byte of
+        // one vector per tile.
+        let block_bytes = BLOCK * TILE * bits / 8;
+        for kk in 0..k {
+            let (block, within) = (kk / BLOCK, kk % BLOCK);
+            let (offset, shift) = if bits == 8 {
+                ((within / 4) * 64 + within % 4, 0)
+            } else {
+                ((within / 8) * 64 + within % 4, 4 * (within % 8 / 4))
+            };
+            let base = block * block_bytes + offset;
+            let mut put =
+                |col: usize, code: u8| codes[col / TILE * tile_bytes + base + col % TILE * 4] |= code << shift;
+            if bits == 4 && n % 2 == 0 {
+                // Two columns per source byte.
+                let flip = w.storage.code(&[0], 0) | w.storage.code(&[0], 0) << 4;
+                for (pair, &byte) in w.data[kk * n / 2..][..n / 2].iter().enumerate() {
+                    let byte = byte ^ flip;
+                    put(2 * pair, byte & 0x0F);
+                    put(2 * pair + 1, byte >> 4);
+                }
+            } else {
+                for col in 0..n {
+                    put(col, w.storage.code(w.data, kk * n + col));
+                }
+            }
+        }
+        Ok(Packed { bits, inputs: k, outputs: n, blocks, per_scale, scale_blocks, codes, scales, zeros })
+    }
+
+    fn tiles(&self) -> usize {
+        self.outputs.div_ceil(TILE)
+    }
+
+    /// `out` (`[rows, outputs]`) = the quantized `rows` times the weight. Tasks (ranges of
+    /// tiles, all rows each) run through `par` (count, task).
+    fn run<E>(
+        &self,
+        rows: &Quantized,
+        out: &mut [f32],
+        par: impl FnOnce(usize, &(dyn Fn(usize) + Sync + Send)) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let tiles = self.tiles();
+        let per_task = tiles.div_ceil(TASKS).max(1);
+        let tasks = tiles.div_ceil(per_task);
+        let shared = &SharedOutput(out.as_mut_ptr());
+        let count = rows.count;
+        debug_assert_eq!(out.len(), count * self.outputs);
+        par(tasks, &|task| {
+            for t in task * per_task..((task + 1) * per_task).min(tiles) {
+                for first in (0..count).step_by(ROWS) {
+                    let n = ROWS.min(count - first);
+                    // SAFETY: `available()` was checked when the kernel was created; task
+                    // `task` alone writes columns of its tiles, inside `out`.
+                    unsafe { self.tile(t, rows, first, n, shared.0) };
+                }
+            }
+        })
+    }
+
+    /// Tile `t` for rows `first..first + n` (`n` ≤ 8), written into `out`.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F/BW/VNNI; `out` points to `[rows, outputs]` floats and no other
+    /// thread writes this tile's columns of these rows.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn tile(&self, t: usize, rows: &Quantized, first: usize, n: usize, out: *mut f32) {
+        macro_rules! rows {
+            ($($r:literal, $c:literal);*) => {
+                match (n, self.bits) {
+                    $(($r, 8) => unsafe { self.tile_rows::<$r, $c, 8>(t, rows, first, out) },)*
+                    $(($r, _) => unsafe { self.tile_rows::<$r, $c, 4>(t, rows, first, out) },)*
+                    _ => unreachable!("1 to {ROWS} rows"),
+                }
+            };
+        }
+        rows!(1, 4; 2, 4; 3, 2; 4, 2; 5, 1; 6, 1; 7, 1; 8, 1)
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn tile(&self, _: usize, _: &Quantized, _: usize, _: usize, _: *mut f32) {
+        unreachable!("the kernel is only created where `available()`")
+    }
+
+    /// # Safety
+    /// As [`Packed::tile`], with `R` rows; `C` accumulator chains per row.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn tile_rows<const R: usize, const C: usize, const BITS: usize>(
+        &self,
+        t: usize,
+        rows: &Quantized,
+        first: usize,
+        out: *mut f32,
+    ) {
+        use std::arch::x86_64::*;
+        let vectors = BLOCK * BITS / 32;
+        let tile_bytes = self.blocks * vectors * 64;
+        let codes = &self.codes[t * tile_bytes..][..tile_bytes];
+        let quads = self.blocks * BLOCK / 4;
+        let row = |r: usize| &rows.quads[(first + r) * quads..][..quads];
+        let low = _mm512_set1_epi8(0x0F);
+        let mut acc = [_mm512_setzero_ps(); R];
+        let (mut scale_block, mut left) = (0, self.per_scale);
+        for b in 0..self.blocks {
+            let block = &codes[b * vectors * 64..][..vectors * 64];
+            // The weights stream from memory once per call: ask for a later block's lines
+            // now (past this tile's end is the next tile's start, or harmlessly outside).
+            let ahead = block.as_ptr().wrapping_add(PREFETCH * vectors * 64);
+            for v in 0..vectors {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(v * 64).cast());
+            }
+            // The block's 8 weight vectors (inputs 4i..4i+4 of the tile's columns each).
+            let mut ws = [_mm512_setzero_si512(); 8];
+            for v in 0..vectors {
+                // SAFETY: `block` holds `vectors` 64-byte vectors.
+                let w = unsafe { _mm512_loadu_si512(block.as_ptr().add(v * 64).cast()) };
+                if BITS == 8 {
+                    ws[v] = w;
+                } else {
+                    ws[2 * v] = _mm512_and_si512(w, low);
+                    ws[2 * v + 1] = _mm512_and_si512(_mm512_srli_epi16::<4>(w), low);
+                }
+            }
+            // Independent accumulator chains per row (`vpdpbusd` has a latency of several
+            // cycles); integer sums, so their order does not change the result.
+            let mut dots = [[_mm512_setzero_si512(); R]; C];
+            #[expect(clippy::needless_range_loop, reason = "`r` picks a row in every chain")]
+            for r in 0..R {
+                let quads: &[i32; 8] = row(r)[b * 8..][..8].try_into().unwrap_or(&[0; 8]);
+                for (i, (w, q)) in ws.iter().zip(quads).enumerate() {
+                    let dot = &mut dots[i % C][r];
+                    // `vpdpbusd` with the activation quad broadcast from memory: as an
+                    // intrinsic over `_mm512_set1_epi32`, LLVM hoists all R × 8 broadcasts of a
+                    // block into registers and spills them.
+                    // SAFETY: `q` is a valid `i32`; the instruction reads 4 bytes there, and
+                    // the CPU has AVX-512 VNNI (the caller's contract).
+                    unsafe {
+                        std::arch::asm!(
+                            "vpdpbusd {dot}, {w}, dword ptr [{q}]{{1to16}}",
+                            dot = inout(zmm_reg) *dot,
+                            w = in(zmm_reg) *w,
+                            q = in(reg) q,
+                            options(pure, readonly, nostack, preserves_flags)
+                        );
+                    }
+                }
+            }
+            let mut dot = dots[0];
+            for chain in &dots[1..] {
+                for (d, c) in dot.iter_mut().zip(chain) {
+                    *d = _mm512_add_epi32(*d, *c);
+                }
+            }
+            let at = (t * self.scale_blocks + scale_block) * TILE;
+            left -= 1;
+            if left == 0 {
+                (scale_block, left) = (scale_block + 1, self.per_scale);
+            }
+            // SAFETY: `scales` and `zeros` hold 16 values per tile and weight block.
+            let scale = unsafe { _mm512_loadu_ps(self.scales[at..][..TILE].as_ptr()) };
+            let zero = unsafe { _mm_loadu_si128(self.zeros[at..][..TILE].as_ptr().cast()) };
+            let zero = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(zero));
+            for (r, (acc, dot)) in acc.iter_mut().zip(dot).enumerate() {
+                let i = (first + r) * self.blocks + b;
+                let scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(rows.scales[i]));
+                let centred = _mm512_fnmadd_ps(zero, _mm512_set1_ps(rows.sums[i]), scaled);
+                *acc = _mm512_fmadd_ps(centred, scale, *acc);
+            }
+        }
+        let columns = TILE.min(self.outputs - t * TILE);
+        let mask: __mmask16 = if columns == TILE { !0 } else { (1 << columns) - 1 };
+        for (r, acc) in acc.into_iter().enumerate() {
+            // SAFETY: row `first + r` has `outputs` floats from `(first + r) * outputs`; the
+            // mask keeps the store inside tile `t`'s columns.
+            unsafe { _mm512_mask_storeu_ps(out.add((first + r) * self.outputs + t * TILE), mask, acc) };
+        }
+    }
+}
+
+/// How many blocks ahead of the one being multiplied the kernel prefetches weights.
+const PREFETCH: usize = 4;
+
+/// Tasks a call is split into (ranges of tiles).
+const TASKS: usize = 32;
+
+/// The output, shared by tasks that write disjoint columns of it.
+struct SharedOutput(*mut f32);
+// SAFETY: tasks write disjoint tiles (see `Packed::run`).
+unsafe impl Sync for SharedOutput {}
+// SAFETY: as above.
+unsafe impl Send for SharedOutput {}
+
+/// 1.5 · 2²³: a float in [2²³, 2²⁴) whose last mantissa bits hold a small added integer.
+const ROUNDING: f32 = 12_582_912.0;
+
+/// Activation rows quantized to int8 per block of 32 inputs.
+#[derive(Default)]
+struct Quantized {
+    count: usize,
+    /// Per row, the codes four by four (`[rows, blocks · 8]`), zero-padded.
+    quads: Vec<i32>,
+    /// Per row and block: the scale, and the scale times the sum of the codes.
+    scales: Vec<f32>,
+    sums: Vec<f32>,
+}
+
+impl Quantized {
+    /// Quantizes `a` (`[count, inputs]`) for `packed`.
+    fn fill(&mut self, a: &[f32], inputs: usize, blocks: usize) {
+        let count = a.len() / inputs;
+        self.count = count;
+        self.quads.clear();
+        self.quads.resize(count * blocks * 8, 0);
+        self.scales.clear();
+        self.scales.resize(count * blocks, 0.0);
+        self.sums.clear();
+        self.sums.resize(count * blocks, 0.0);
+        let simd = available();
+        for (r, row) in a.chunks_exact(inputs).enumerate() {
+            for (b, block) in row.chunks(BLOCK).enumerate() {
+                let Ok(quads) = <&mut [i32; 8]>::try_from(&mut self.quads[(r * blocks + b) * 8..][..8]) else {
+                    continue;
+                };
+                let full: Option<&[f32; BLOCK]> = block.try_into().ok();
+                let quantized = match full {
+                    // SAFETY: `available()` (AVX-512 F/BW) was checked.
+                    #[cfg(target_arch = "x86_64")]
+                    Some(full) if simd => unsafe { quantize_avx512(full, quads) },
+                    _ => quantize(block, quads),
+                };
+                if let Some((scale, sum)) = quantized {
+                    self.scales[r * blocks + b] = scale;
+                    self.sums[r * blocks + b] = scale * sum as f32;
+                }
+            }
+        }
+    }
+}
+
+/// Quantizes one block of activations (up to 32) into `quads` (four codes per `i32`, little
+/// end first): codes round(v · 127 / max|v|), half to even. Returns the scale and the sum of
+/// the codes; `None` (codes left zero) when the block is all zeros or not finite.
+fn quantize(block: &[f32], quads: &mut [i32; 8]) -> Option<(f32, i32)> {
+    let max = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+    if max == 0.0 || !max.is_finite() {
+        return None;
+    }
+    let inverse = 127.0 / max;
+    let mut codes = [0u8; BLOCK];
+    let mut sum = 0i32;
+    for (c, v) in codes.iter_mut().zip(block) {
+        // Round half to even: adding 1.5 · 2²³ leaves the rounded value in the low mantissa
+        // bits (|v · inverse| ≤ 127).
+        let code = ((v * inverse + ROUNDING).to_bits() as i32 - ROUNDING.to_bits() as i32).clamp(-127, 127);
+        *c = code as i8 as u8;
+        sum += code;
+    }
+    for (q, four) in quads.iter_mut().zip(codes.chunks_exact(4)) {
+        *q = i32::from_le_bytes([four[0], four[1], four[2], four[3]]);
+    }
+    Some((max / 127.0, sum))
+}
+
+/// [`quantize`] for a whole block with AVX-512 (the same codes: `vcvtps2dq` rounds half to
+/// even too).
+///
+/// # Safety
+/// The CPU has AVX-512 F and BW.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn quantize_avx512(block: &[f32; BLOCK], quads: &mut [i32; 8]) -> Option<(f32, i32)> {
+    use std::arch::x86_64::*;
+    // SAFETY: `block` holds 32 floats, two vectors of 16.
+    let (x0, x1) = unsafe { (_mm512_loadu_ps(block.as_ptr()), _mm512_loadu_ps(block.as_ptr().add(16))) };
+    let max = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+    if max == 0.0 || !max.is_finite() {
+        return None;
+    }
+    let inverse = _mm512_set1_ps(127.0 / max);
+    let q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, inverse));
+    let q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, inverse));
+    let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+    // SAFETY: `quads` holds 32 bytes: 16 codes from each vector.
+    unsafe {
+        _mm_storeu_si128(quads.as_mut_ptr().cast(), _mm512_cvtepi32_epi8(q0));
+        _mm_storeu_si128(quads.as_mut_ptr().add(4).cast(), _mm512_cvtepi32_epi8(q1));
+    }
+    Some((max / 127.0, sum))
+}
+
+/// One node's packed weight, and the activation scratch kept between calls.
+pub struct MatMulKernel {
+    packed: Packed,
+    rows: Quantized,
+}
+
+impl Kernel for MatMulKernel {
+    fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
+        let fail = |what: String| ort::Error::new(format!("kiln QuantizedMatMul: {what}"));
+        let a = ctx.input(0)?.ok_or_else(|| fail("input 0 missing".into()))?;
+        let (shape, a) = a.try_extract_tensor::<f32>()?;
+        let k = self.packed.inputs;
+        if shape.last().is_none_or(|&last| last as usize != k) {
+            return Err(fail(format!("activations {shape:?} for {k} inputs")));
+        }
+        let mut out_shape = shape.to_vec();
+        if let Some(last) = out_shape.last_mut() {
+            *last = self.packed.outputs as i64;
+        }
+        self.rows.fill(a, k, self.packed.blocks);
+        let mut out = ctx.output(0, out_shape)?.ok_or_else(|| fail("output 0".into()))?;
+        let (_, out) = out.try_extract_tensor_mut::<f32>()?;
+        self.packed.run(&self.rows, out, |n, task| ctx.par_for(n, n, task))?;
+        // A long prefill's scratch goes back.
+        if self.rows.quads.len() > KEPT_SCRATCH {
+            self.rows = Quantized::default();
+        }
+        Ok(())
+    }
+}
+
+/// Activation codes (four per value) a node keeps between calls.
+const KEPT_SCRATCH: usize = 1 << 14;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small deterministic generator.
+    fn noise(seed: u64) -> impl FnMut() -> f32 {
+        let mut state = seed;
+        move || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        }
+    }
+
+    /// The written-out arithmetic: dequantized weights (ONNX's `DequantizeLinear`) times
+    /// activations quantized per block of 32, summed per block then scaled.
+    fn reference(w: &Weights, a: &[f32]) -> Vec<f32> {
+        let (k, n) = (w.inputs, w.outputs);
+        let zero_code = |i: usize| w.zero.map_or(w.storage.code(&[0], 0), |z| w.storage.code(z, i));
+        let index = |kk: usize, col: usize| match w.blocking {
+            Blocking::Tensor => 0,
+            Blocking::Column => col,
+            Blocking::Inputs(b) => kk / b * n + col,
+        };
+        let mut rows = Quantized::default();
+        let blocks = k.div_ceil(BLOCK);
+        rows.fill(a, k, blocks);
+        let code = |r: usize, kk: usize| (rows.quads[r * blocks * 8 + kk / 4] >> (8 * (kk % 4))) as i8;
+        let mut out = vec![0f32; rows.count * n];
+        for r in 0..rows.count {
+            for col in 0..n {
+                let mut total = 0f64;
+                for b in 0..blocks {
+                    let sa = f64::from(rows.scales[r * blocks + b]);
+                    for kk in b * BLOCK..((b + 1) * BLOCK).min(k) {
+                        let i = index(kk, col);
+                        let centred = f64::from(w.storage.code(w.data, kk * n + col)) - f64::from(zero_code(i));
+                        total += f64::from(code(r, kk)) * sa * centred * f64::from(w.scale[i]);
+                    }
+                }
+                out[r * n + col] = total as f32;
+            }
+        }
+        out
+    }
+
+    fn run_serial(packed: &Packed, a: &[f32]) -> Vec<f32> {
+        let mut rows = Quantized::default();
+        rows.fill(a, packed.inputs, packed.blocks);
+        let mut out = vec![0f32; rows.count * packed.outputs];
+        packed
+            .run(&rows, &mut out, |n, task| -> Result<(), ()> {
+                (0..n).for_each(task);
+                Ok(())
+            })
+            .expect("serial tasks do not fail");
+        out
+    }
+
+    #[test]
+    fn every_storage_and_blocking_matches_the_written_out_arithmetic() {
+        if !available() {
+            println!("SKIPPED: this CPU lacks AVX-512 VNNI; the kernel is not used here");
+            return;
+        }
+        let mut next = noise(7);
+        // An odd column count (4-bit codes straddle bytes, a partial tile) and an even one.
+        for (k, n) in [(200usize, 37usize), (96, 48)] {
+            check_every_storage(k, n, &mut next);
+        }
+    }
+
+    fn check_every_storage(k: usize, n: usize, next: &mut impl FnMut() -> f32) {
+        let cases = [
+            (Storage::U4, Blocking::Inputs(64), true),
+            (Storage::U4, Blocking::Inputs(32), true),
+            (Storage::I4, Blocking::Inputs(64), false),
+            (Storage::I8, Blocking::Column, false),
+            (Storage::U8, Blocking::Column, true),
+            (Storage::I8, Blocking::Tensor, false),
+        ];
+        for (storage, blocking, with_zero) in cases {
+            let bytes = if storage.bits() == 4 { (k * n).div_ceil(2) } else { k * n };
+            let data: Vec<u8> = (0..bytes).map(|_| (next() * 127.0 + 128.0) as u8).collect();
+            let scales = match blocking {
+                Blocking::Tensor => 1,
+                Blocking::Column => n,
+                Blocking::Inputs(b) => k.div_ceil(b) * n,
+            };
+            let scale: Vec<f32> = (0..scales).map(|_| 0.01 + next().abs() * 0.05).collect();
+            let zero_bytes = if storage.bits() == 4 { scales.div_ceil(2) } else { scales };
+            let zero: Vec<u8> = (0..zero_bytes).map(|_| (next() * 127.0 + 128.0) as u8).collect();
+            let w = Weights {
+                storage,
+                inputs: k,
+                outputs: n,
+                data: &data,
+                scale: &scale,
+                zero: with_zero.then_some(&zero[..]),
+                blocking,
+            };
+            let packed = Packed::new(&w).expect("a valid weight packs");
+            let a: Vec<f32> = (0..11 * k).map(|_| next() * 3.0).collect();
+            let got = run_serial(&packed, &a);
+            let want = reference(&w, &a);
+            for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                assert!((g - e).abs() <= 1e-4 * e.abs().max(1.0), "{storage:?} {blocking:?} [{i}]: {g} vs {e}");
+            }
+            // Each row alone gives the same bits as in the batch of 11.
+            for r in [0, 5, 10] {
+                let alone = run_serial(&packed, &a[r * k..(r + 1) * k]);
+                assert_eq!(alone, got[r * n..(r + 1) * n], "{storage:?} {blocking:?} row {r}");
+            }
+        }
+    }
+
+    #[test]
+    fn both_activation_quantizers_give_the_same_codes() {
+        if !available() {
+            println!("SKIPPED: this CPU lacks AVX-512; only the portable quantizer runs here");
+            return;
+        }
+        let mut next = noise(11);
+        for trial in 0..200 {
+            let mut block = [0f32; BLOCK];
+            block.iter_mut().for_each(|v| *v = next() * 4.0);
+            // Halves after scaling: max 127 makes every integer + 0.5 a tie.
+            if trial % 2 == 0 {
+                block[0] = 127.0;
+                block[1] = 2.5;
+                block[2] = -3.5;
+            }
+            let (mut a, mut b) = ([0i32; 8], [0i32; 8]);
+            // SAFETY: `available()` was checked.
+            let simd = unsafe { quantize_avx512(&block, &mut a) };
+            assert_eq!(simd, quantize(&block, &mut b), "trial {trial}");
+            assert_eq!(a, b, "trial {trial}");
+        }
+        let (mut a, mut b) = ([0i32; 8], [0i32; 8]);
+        // SAFETY: as above.
+        assert_eq!(unsafe { quantize_avx512(&[0.0; BLOCK], &mut a) }, None);
+        assert_eq!(quantize(&[0.0; BLOCK], &mut b), None);
+    }
+
+    #[test]
+    fn codes_follow_onnx_packing() {
+        // Elements 0..4 of an int4 tensor: 1, -2, 7, -8 → nibbles 0x1, 0xE, 0x7, 0x8.
+        let data = [0xE1, 0x87];
+        let codes: Vec<u8> = (0..4).map(|i| Storage::I4.code(&data, i)).collect();
+        assert_eq!(codes, [9, 6, 15, 0]);
+        assert_eq!(Storage::I8.code(&[0x80, 0x7F], 0), 0);
+        assert_eq!(Storage::I8.code(&[0x80, 0x7F], 1), 255);
+        assert_eq!(Storage::U4.code(&[0xE1], 1), 14);
+    }
+
+    #[test]
+    fn quantized_rows_round_per_block() {
+        let mut rows = Quantized::default();
+        let mut a = vec![0.0f32; 40];
+        a[0] = 2.54;
+        a[1] = -1.0;
+        a[33] = 0.5;
+        rows.fill(&a, 40, 2);
+        assert_eq!(rows.count, 1);
+        assert_eq!(rows.scales, [2.54 / 127.0, 0.5 / 127.0]);
+        // 2.54 → 127, -1.0 → -50 (exactly -50.0); block 1: 0.5 → 127 at position 1.
+        assert_eq!(rows.quads[0] & 0xFF, 127);
+        assert_eq!((rows.quads[0] >> 8) as i8, -50);
+        assert_eq!((rows.quads[8] >> 8) as i8, 127);
+        assert!((rows.sums[0] - 0.02 * 77.0).abs() < 1e-6);
+    }
+}
