@@ -234,3 +234,48 @@ fn quantized_matmuls_run_kilns_kernel_where_the_cpu_has_vnni() {
     let ops = optimized_ops("int4", Some(1));
     assert_eq!((count(&ops, "QuantizedMatMul"), count(&ops, "MatMulNBits")), (0, 121));
 }
+
+#[test]
+fn a_burst_of_same_length_prompts_is_prefilled_together_as_if_alone() {
+    // The runtime: one pass over three slots gives each prompt its own logits.
+    for artifact in ["int4", "fp32"] {
+        let dir = common::artifact(artifact);
+        let mut dec = ServingDecoder::open(&dir, &SessionOptions::default(), 3, 64).expect("serving session");
+        let prompts: [&[u32]; 3] = [&[1, 2, 3, 4, 5, 6], &[100, 200, 300, 400, 500, 600], &[7, 7, 7, 7, 7, 7]];
+        let together = dec.prefill_rows(0, &prompts).expect("one pass");
+        let step_together = dec.step(&[(42, 6), (43, 6), (44, 6)]).expect("step");
+        for (i, prompt) in prompts.iter().enumerate() {
+            let alone = dec.extend(0, 0, prompt, 1).expect("alone");
+            let step_alone = dec.step(&[(42 + i as u32, 6)]).expect("step").row(0).to_owned();
+            let max = |a: ndarray::ArrayView1<f32>, b: ndarray::ArrayView1<f32>| {
+                a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max)
+            };
+            let (d, s) = (max(together.row(i), alone.row(0)), max(step_together.row(i), step_alone.view()));
+            assert!(d <= 1e-4 && s <= 1e-4, "{artifact} prompt {i}: logits differ by {d}, next step by {s}");
+        }
+        // Different lengths are refused, not padded.
+        let err = dec.prefill_rows(0, &[&[1, 2], &[1, 2, 3]]).expect_err("ragged burst");
+        assert!(err.to_string().contains("all the same"), "{err}");
+    }
+
+    // The engine: requests waiting together with one prompt length join in one prefill, and
+    // each generates what it generates alone.
+    let dir = common::artifact("int4");
+    let requests = || {
+        mixed_requests().into_iter().take(4).map(|mut r| {
+            if let Prompt::Tokens(ids) = &mut r.prompt {
+                ids.truncate(5);
+            }
+            r
+        })
+    };
+    let alone: Vec<_> = {
+        let e = engine(&dir, 1, 256);
+        requests().map(|r| run(&e, r)).collect()
+    };
+    let e = engine(&dir, 4, 256);
+    let running: Vec<_> = requests().map(|r| e.submit(r).expect("submit")).collect();
+    for (i, (g, (want, _))) in running.into_iter().zip(&alone).enumerate() {
+        assert_eq!(&g.collect().expect("output").token_ids, want, "request {i}");
+    }
+}

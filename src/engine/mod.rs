@@ -664,8 +664,86 @@ impl<F: Forward> Scheduler<F> {
         self.running.clear();
     }
 
+    /// The running state of admitted request `a`, prefilled and waiting for its first token.
+    fn sequence(&self, a: Admitted, queued: Duration) -> Sequence {
+        let speculative = a.request.speculative.is_some();
+        Sequence {
+            sampler: Sampler::new(a.request.sampling.clone(), self.model.vocab_size(), &a.prompt),
+            stops: StopStrings::new(&a.request.stop_strings),
+            spec: a.request.speculative.map(SpecState::new),
+            history: if speculative { a.prompt.clone() } else { Vec::new() },
+            request: a.request,
+            sink: a.sink,
+            cancel: a.cancel,
+            detok: Detokenizer::default(),
+            prompt_tokens: a.prompt.len(),
+            generated: 0,
+            past: a.prompt.len(),
+            next: 0,
+            submitted: a.submitted,
+            queued,
+            first_token: None,
+            done: false,
+        }
+    }
+
+    /// Admits a burst: waiting plain requests whose prompts have one length (one prefill
+    /// chunk at most) are prefilled together, in one pass over consecutive free slots, when
+    /// no speculative sequence runs. Each row is computed as it would be alone.
+    fn admit_burst(&mut self) {
+        let first = self.running.len();
+        if self.plain() != first {
+            return;
+        }
+        let Some(len) = self.waiting.front().map(|a| a.prompt.len()) else { return };
+        let free = self.model.slots() - first;
+        let burst = self
+            .waiting
+            .iter()
+            .take(free)
+            .take_while(|a| {
+                a.prompt.len() == len
+                    && len <= PREFILL_CHUNK
+                    && a.request.speculative.is_none()
+                    && !a.cancel.load(Ordering::Relaxed)
+            })
+            .count();
+        if burst < 2 {
+            return;
+        }
+        let admitted: Vec<Admitted> = self.waiting.drain(..burst).collect();
+        self.waiting_count.fetch_sub(burst, Ordering::AcqRel);
+        if let Some(d) = &mut self.draft {
+            (first..first + burst).for_each(|slot| d.release(slot));
+        }
+        let queued: Vec<Duration> = admitted.iter().map(|a| a.submitted.elapsed()).collect();
+        let prompts: Vec<&[u32]> = admitted.iter().map(|a| a.prompt.as_slice()).collect();
+        let logits = match self.model.prefill_rows(first, &prompts) {
+            Ok(l) => l,
+            Err(e) => {
+                let e = EngineError::from(e);
+                for a in admitted {
+                    let mut sink = a.sink;
+                    sink(Event::Failed(e.clone()));
+                }
+                return;
+            }
+        };
+        for ((a, queued), row) in admitted.into_iter().zip(queued).zip(logits.rows()) {
+            let mut seq = self.sequence(a, queued);
+            let choice = seq.sampler.choose(row.as_slice().expect("logits rows are contiguous"));
+            self.accept(&mut seq, choice);
+            self.running.push(seq);
+        }
+        self.running_count.store(self.running.len(), Ordering::Release);
+        if self.running.iter().any(|s| s.done) {
+            self.release();
+        }
+    }
+
     /// Prefills waiting requests into free slots.
     fn admit(&mut self) {
+        self.admit_burst();
         while self.running.len() < self.model.slots() {
             let Some(a) = self.waiting.pop_front() else { break };
             self.waiting_count.fetch_sub(1, Ordering::AcqRel);
@@ -707,25 +785,7 @@ impl<F: Forward> Scheduler<F> {
                     continue;
                 }
             };
-            let vocab = self.model.vocab_size();
-            let mut seq = Sequence {
-                sampler: Sampler::new(a.request.sampling.clone(), vocab, &a.prompt),
-                stops: StopStrings::new(&a.request.stop_strings),
-                spec: a.request.speculative.map(SpecState::new),
-                history: if speculative { a.prompt.clone() } else { Vec::new() },
-                request: a.request,
-                sink: a.sink,
-                cancel: a.cancel,
-                detok: Detokenizer::default(),
-                prompt_tokens: a.prompt.len(),
-                generated: 0,
-                past: a.prompt.len(),
-                next: 0,
-                submitted: a.submitted,
-                queued,
-                first_token: None,
-                done: false,
-            };
+            let mut seq = self.sequence(a, queued);
             let row = logits.row(0);
             let row = row.as_slice().expect("logits rows are contiguous");
             let choice = seq.sampler.choose(row);

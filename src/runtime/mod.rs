@@ -373,6 +373,16 @@ pub trait Forward {
     /// Feeds `tokens` to `slot`, whose first `past` positions are cached already; returns
     /// the logits of the last `last` tokens, `[last, vocab]`.
     fn extend(&mut self, slot: usize, past: usize, tokens: &[u32], last: usize) -> Result<Array2<f32>, RuntimeError>;
+    /// Feeds each of `prompts` (one length) to slots `first..first + prompts.len()` from
+    /// position 0; returns each one's last-token logits, `[prompts, vocab]`. Implementations
+    /// that can run them as one batch do; the results are those of one `extend` each.
+    fn prefill_rows(&mut self, first: usize, prompts: &[&[u32]]) -> Result<Array2<f32>, RuntimeError> {
+        let mut out = Array2::zeros((prompts.len(), self.vocab_size()));
+        for (i, prompt) in prompts.iter().enumerate() {
+            out.row_mut(i).assign(&self.extend(first + i, 0, prompt, 1)?.row(0));
+        }
+        Ok(out)
+    }
     /// One token for each of slots `0..rows.len()`: `rows[i] = (token, cached positions of
     /// slot i)`. Returns `[rows, vocab]`.
     fn step(&mut self, rows: &[(u32, usize)]) -> Result<Array2<f32>, RuntimeError>;

@@ -198,6 +198,24 @@ impl Forward for ServingDecoder {
         self.run(slot, 1, tokens.len(), ids, seqlens, last)
     }
 
+    fn prefill_rows(&mut self, first: usize, prompts: &[&[u32]]) -> Result<Array2<f32>, RuntimeError> {
+        let len = prompts.first().map_or(0, |p| p.len());
+        if len == 0
+            || len > self.context
+            || first + prompts.len() > self.slots
+            || prompts.iter().any(|p| p.len() != len)
+        {
+            return Err(RuntimeError::Run(format!(
+                "prefill_rows: {} prompts of {len} tokens (all the same, at most context {}) from slot {first} of {}",
+                prompts.len(),
+                self.context,
+                self.slots
+            )));
+        }
+        let ids = prompts.iter().flat_map(|p| p.iter().map(|&t| t as i64)).collect();
+        self.run(first, prompts.len(), len, ids, vec![(len - 1) as i32; prompts.len()], 1)
+    }
+
     fn step(&mut self, rows: &[(u32, usize)]) -> Result<Array2<f32>, RuntimeError> {
         if rows.is_empty() || rows.len() > self.slots || rows.iter().any(|&(_, past)| past >= self.context) {
             return Err(RuntimeError::Run(format!(
