@@ -41,21 +41,27 @@ pub fn available() -> bool {
 
 /// Rewrites every `DequantizeLinear(W) → MatMul(A, ·)` of `graph` whose weight is a 2-D 4- or
 /// 8-bit initializer, dequantized per tensor, per output column or in blocks along the inputs
-/// (a multiple of 32), into one [`OP`] node in `domain`. Returns how many were rewritten.
-pub fn fuse(graph: &mut pb::GraphProto, domain: &str) -> usize {
-    let weights: std::collections::HashMap<&str, &pb::TensorProto> = graph
+/// (a multiple of 32), into one [`OP`] node in `domain`. Other pairs stay for ONNX Runtime.
+pub fn fuse(graph: &mut pb::GraphProto, domain: &str) {
+    let weights: std::collections::HashSet<&str> = graph
         .initializer
         .iter()
         .filter(|t| t.dims.len() == 2 && Storage::of(t.data_type).is_some())
-        .map(|t| (t.name.as_str(), t))
+        .map(|t| t.name.as_str())
         .collect();
-    let uses = |name: &str| graph.node.iter().flat_map(|n| &n.input).filter(|i| *i == name).count();
+    // Uses of a value by nodes and as a graph output.
+    let uses = |name: &str| {
+        graph.node.iter().flat_map(|n| &n.input).filter(|i| *i == name).count()
+            + graph.output.iter().filter(|o| o.name == name).count()
+    };
     let mut fused = Vec::new();
     for (d, dq) in graph.node.iter().enumerate() {
         if dq.op_type != "DequantizeLinear" || !dq.domain.is_empty() || dq.output.len() != 1 {
             continue;
         }
-        let Some(weight) = dq.input.first().and_then(|w| weights.get(w.as_str())) else { continue };
+        if !dq.input.first().is_some_and(|w| weights.contains(w.as_str())) {
+            continue;
+        }
         let int = |name: &str| dq.attribute.iter().find(|a| a.name == name).map(|a| a.i);
         let (axis, block) = (int("axis").unwrap_or(1), int("block_size").unwrap_or(0));
         let scale_rank = graph.initializer.iter().find(|t| Some(&t.name) == dq.input.get(1)).map(|t| t.dims.len());
@@ -73,12 +79,11 @@ pub fn fuse(graph: &mut pb::GraphProto, domain: &str) -> usize {
             .iter()
             .position(|n| n.op_type == "MatMul" && n.domain.is_empty() && n.input.len() == 2 && n.input[1] == *out);
         if let (true, Some(m), 1) = (supported, consumer, uses(out)) {
-            fused.push((d, m, weight.dims[0]));
+            fused.push((d, m));
         }
     }
-    let count = fused.len();
     let mut dead = Vec::new();
-    for (d, m, _) in fused {
+    for (d, m) in fused {
         let dq = graph.node[d].clone();
         let matmul = &mut graph.node[m];
         matmul.op_type = OP.into();
@@ -92,7 +97,6 @@ pub fn fuse(graph: &mut pb::GraphProto, domain: &str) -> usize {
     for d in dead.into_iter().rev() {
         graph.node.remove(d);
     }
-    count
 }
 
 /// The operator: `DequantizeLinear`'s inputs and attributes after the activations.
@@ -774,6 +778,73 @@ mod tests {
         // SAFETY: as above.
         assert_eq!(unsafe { quantize_avx512(&[0.0; BLOCK], &mut a) }, None);
         assert_eq!(quantize(&[0.0; BLOCK], &mut b), None);
+    }
+
+    /// A `DequantizeLinear(name) → MatMul(x, ·) → name.out` pair; the DQ's attributes.
+    fn pair(name: &str, axis: i64, block: i64) -> [pb::NodeProto; 2] {
+        let attr = |n: &str, i: i64| pb::AttributeProto { name: n.into(), i, r#type: 2, ..Default::default() };
+        [
+            pb::NodeProto {
+                op_type: "DequantizeLinear".into(),
+                input: vec![name.into(), format!("{name}.scale")],
+                output: vec![format!("{name}.dq")],
+                attribute: vec![attr("axis", axis), attr("block_size", block)],
+                ..Default::default()
+            },
+            pb::NodeProto {
+                op_type: "MatMul".into(),
+                input: vec!["x".into(), format!("{name}.dq")],
+                output: vec![format!("{name}.out")],
+                ..Default::default()
+            },
+        ]
+    }
+
+    #[test]
+    fn fuse_rewrites_the_pairs_the_kernel_computes() {
+        let tensor = |name: &str, data_type: i32, dims: Vec<i64>| pb::TensorProto {
+            name: name.into(),
+            data_type,
+            dims,
+            ..Default::default()
+        };
+        let mut graph = pb::GraphProto::default();
+        // int4 in blocks of 32, int8 per column: rewritten. Blocks of 16, f32 weights, and a
+        // dequantized weight that is also a graph output: left to ONNX Runtime.
+        for (name, data_type, axis, block, scale_dims) in [
+            ("a", 21, 0, 32, vec![2, 8]),
+            ("b", 3, 1, 0, vec![8]),
+            ("c", 21, 0, 16, vec![4, 8]),
+            ("d", 1, 1, 0, vec![8]),
+            ("e", 22, 0, 64, vec![1, 8]),
+        ] {
+            graph.initializer.push(tensor(name, data_type, vec![64, 8]));
+            graph.initializer.push(tensor(&format!("{name}.scale"), 1, scale_dims));
+            graph.node.extend(pair(name, axis, block));
+        }
+        graph.output.push(pb::ValueInfoProto { name: "e.dq".into(), ..Default::default() });
+        fuse(&mut graph, "ai.kiln");
+        let ops: Vec<(&str, &str)> = graph.node.iter().map(|n| (n.op_type.as_str(), n.output[0].as_str())).collect();
+        assert_eq!(
+            ops,
+            [
+                (OP, "a.out"),
+                (OP, "b.out"),
+                ("DequantizeLinear", "c.dq"),
+                ("MatMul", "c.out"),
+                ("DequantizeLinear", "d.dq"),
+                ("MatMul", "d.out"),
+                ("DequantizeLinear", "e.dq"),
+                ("MatMul", "e.out"),
+            ]
+        );
+        let a = &graph.node[0];
+        assert_eq!(
+            (a.domain.as_str(), &a.input[..]),
+            ("ai.kiln", &["x".to_string(), "a".into(), "a.scale".into()][..])
+        );
+        let attrs: Vec<(&str, i64)> = a.attribute.iter().map(|t| (t.name.as_str(), t.i)).collect();
+        assert_eq!(attrs, [("axis", 0), ("block_size", 32)]);
     }
 
     #[test]
