@@ -189,7 +189,8 @@ enum Command {
         /// Threads ONNX Runtime uses (0: one per core).
         #[arg(long, default_value_t = 0)]
         threads: usize,
-        /// MatMulNBits accuracy level: 4 (default) computes with int8 activations, 0/1 in f32.
+        /// Accuracy level of 4/8-bit products: 4 (default) computes with int8 activations
+        /// (kiln's quantized MatMul on AVX-512 VNNI CPUs, else MatMulNBits), 0/1 in f32.
         #[arg(long)]
         accuracy_level: Option<u8>,
         /// Rounds of every measurement, interleaved; the table shows each figure's median.
@@ -269,9 +270,9 @@ struct SessionArgs {
     /// Threads ONNX Runtime uses (0: one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
-    /// MatMulNBits accuracy level of 4/8-bit weights: 4 (ONNX Runtime's default) computes
-    /// with int8 activations, 1 in f32 (slower; speculative output then equals plain
-    /// decoding exactly, see the README).
+    /// Accuracy level of 4/8-bit products: 4 (ONNX Runtime's default) computes with int8
+    /// activations (kiln's quantized MatMul on AVX-512 VNNI CPUs, else MatMulNBits), 1 in f32
+    /// through MatMulNBits (slower; see the README on speculative exactness).
     #[arg(long)]
     accuracy_level: Option<u8>,
 }

@@ -237,7 +237,8 @@ pub struct SessionOptions {
     /// Graph optimization level.
     pub optimization: Optimization,
     /// `accuracy_level` of fused MatMulNBits: `None` keeps ONNX Runtime's default (4: int8
-    /// activations, fast); 0 or 1 computes in f32 (exact math, for parity checks).
+    /// activations, fast; on the CPU kiln's quantized MatMul where it runs); 0 or 1 computes
+    /// in f32 through MatMulNBits (exact math, for parity checks).
     pub matmul_accuracy_level: Option<u8>,
     /// Write ONNX Runtime's optimized graph here (to inspect what it fused).
     pub optimized_model_path: Option<PathBuf>,
