@@ -695,17 +695,16 @@ impl<F: Forward> Scheduler<F> {
         if self.plain() != first {
             return;
         }
-        let Some(len) = self.waiting.front().map(|a| a.prompt.len()) else { return };
+        let Some(len) = self.waiting.front().map(|a| a.prompt.len()).filter(|&len| len <= PREFILL_CHUNK) else {
+            return;
+        };
         let free = self.model.slots() - first;
         let burst = self
             .waiting
             .iter()
             .take(free)
             .take_while(|a| {
-                a.prompt.len() == len
-                    && len <= PREFILL_CHUNK
-                    && a.request.speculative.is_none()
-                    && !a.cancel.load(Ordering::Relaxed)
+                a.prompt.len() == len && a.request.speculative.is_none() && !a.cancel.load(Ordering::Relaxed)
             })
             .count();
         if burst < 2 {

@@ -139,10 +139,9 @@ impl Operator for QuantizedMatMul {
         };
         let (k, n) = (k as usize, n as usize);
         let bytes = |t: &DynTensor, count: usize| {
-            let len = if storage.bits() == 4 { count.div_ceil(2) } else { count };
             // SAFETY: an ONNX Runtime tensor of `count` elements of this 4/8-bit type holds
-            // `len` bytes at its data pointer, alive while the tensor is.
-            unsafe { std::slice::from_raw_parts(t.data_ptr().cast::<u8>(), len) }
+            // `storage.bytes(count)` bytes at its data pointer, alive while the tensor is.
+            unsafe { std::slice::from_raw_parts(t.data_ptr().cast::<u8>(), storage.bytes(count)) }
         };
         let int = |name: &str| info.get::<i64>(name);
         let blocking = match (scale.len(), int("axis").unwrap_or(1)) {
@@ -216,21 +215,25 @@ impl Storage {
         }
     }
 
+    /// Bytes that hold `count` elements.
+    fn bytes(self, count: usize) -> usize {
+        count.div_ceil(8 / self.bits())
+    }
+
+    /// The code of the value 0 (a signed value's two's-complement bits XOR this = its code).
+    fn offset(self) -> u8 {
+        match self {
+            Self::U4 | Self::U8 => 0,
+            Self::I4 => 0x08,
+            Self::I8 => 0x80,
+        }
+    }
+
     /// Element `i` of `data` (ONNX layout: 4-bit values two per byte, low nibble first),
     /// shifted to an unsigned code (signed types + 8 or + 128).
     fn code(self, data: &[u8], i: usize) -> u8 {
-        match self {
-            Self::U8 => data[i],
-            Self::I8 => data[i] ^ 0x80,
-            Self::U4 | Self::I4 => {
-                let nibble = (data[i / 2] >> (4 * (i % 2))) & 0x0F;
-                if self == Self::I4 {
-                    nibble ^ 0x08
-                } else {
-                    nibble
-                }
-            }
-        }
+        let raw = if self.bits() == 8 { data[i] } else { (data[i / 2] >> (4 * (i % 2))) & 0x0F };
+        raw ^ self.offset()
     }
 }
 
@@ -278,11 +281,11 @@ impl Packed {
             Blocking::Column => n,
             Blocking::Inputs(_) => scale_blocks * n,
         };
-        let expected_bytes = if w.storage.bits() == 4 { (k * n).div_ceil(2) } else { k * n };
+        let expected_bytes = w.storage.bytes(k * n);
         if k == 0 || n == 0 || w.scale.len() != expected_scales || w.data.len() != expected_bytes {
             return Err(format!("{k}×{n} weight with {} scales and {} bytes", w.scale.len(), w.data.len()));
         }
-        let zero_bytes = if w.storage.bits() == 4 { expected_scales.div_ceil(2) } else { expected_scales };
+        let zero_bytes = w.storage.bytes(expected_scales);
         if w.zero.is_some_and(|z| z.len() != zero_bytes) {
             return Err(format!("{} zero point bytes for {expected_scales} scales", w.zero.map_or(0, <[u8]>::len)));
         }
@@ -300,7 +303,7 @@ impl Packed {
         // Zero points are stored like the weights: codes of the same type.
         let zero_code = |i: usize| match w.zero {
             Some(z) => w.storage.code(z, i),
-            None => w.storage.code(&[0], 0),
+            None => w.storage.offset(),
         };
         for col in 0..n {
             let (t, j) = (col / TILE, col % TILE);
@@ -326,7 +329,7 @@ impl Packed {
                 |col: usize, code: u8| codes[col / TILE * tile_bytes + base + col % TILE * 4] |= code << shift;
             if bits == 4 && n % 2 == 0 {
                 // Two columns per source byte.
-                let flip = w.storage.code(&[0], 0) | w.storage.code(&[0], 0) << 4;
+                let flip = w.storage.offset() | w.storage.offset() << 4;
                 for (pair, &byte) in w.data[kk * n / 2..][..n / 2].iter().enumerate() {
                     let byte = byte ^ flip;
                     put(2 * pair, byte & 0x0F);
@@ -654,7 +657,7 @@ mod tests {
     /// activations quantized per block of 32, summed per block then scaled.
     fn reference(w: &Weights, a: &[f32]) -> Vec<f32> {
         let (k, n) = (w.inputs, w.outputs);
-        let zero_code = |i: usize| w.zero.map_or(w.storage.code(&[0], 0), |z| w.storage.code(z, i));
+        let zero_code = |i: usize| w.zero.map_or(w.storage.offset(), |z| w.storage.code(z, i));
         let index = |kk: usize, col: usize| match w.blocking {
             Blocking::Tensor => 0,
             Blocking::Column => col,
@@ -718,7 +721,7 @@ mod tests {
             (Storage::I8, Blocking::Tensor, false),
         ];
         for (storage, blocking, with_zero) in cases {
-            let bytes = if storage.bits() == 4 { (k * n).div_ceil(2) } else { k * n };
+            let bytes = storage.bytes(k * n);
             let data: Vec<u8> = (0..bytes).map(|_| (next() * 127.0 + 128.0) as u8).collect();
             let scales = match blocking {
                 Blocking::Tensor => 1,
@@ -726,7 +729,7 @@ mod tests {
                 Blocking::Inputs(b) => k.div_ceil(b) * n,
             };
             let scale: Vec<f32> = (0..scales).map(|_| 0.01 + next().abs() * 0.05).collect();
-            let zero_bytes = if storage.bits() == 4 { scales.div_ceil(2) } else { scales };
+            let zero_bytes = storage.bytes(scales);
             let zero: Vec<u8> = (0..zero_bytes).map(|_| (next() * 127.0 + 128.0) as u8).collect();
             let w = Weights {
                 storage,
