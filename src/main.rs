@@ -19,7 +19,7 @@ use kiln::onnx::decoder::TensorReport;
 use kiln::onnx::export::{export_recipe, ExportOptions, ExportOutcome, Progress};
 use kiln::onnx::manifest::{self, Manifest};
 use kiln::onnx::recipe::CheckThresholds;
-use kiln::runtime::{Provider, SessionOptions};
+use kiln::runtime::{KvCache, Provider, SessionOptions};
 
 /// Positions per sequence `kiln generate` allows (capped by the artifact's `max_context`).
 const DEFAULT_CONTEXT: usize = 4096;
@@ -193,6 +193,9 @@ enum Command {
         /// (kiln's quantized MatMul on AVX-512 VNNI CPUs, else MatMulNBits), 0/1 in f32.
         #[arg(long)]
         accuracy_level: Option<u8>,
+        /// KV cache element type (default: f16 for integer-quantized weights, else f32).
+        #[arg(long, value_enum)]
+        kv_cache: Option<KvCacheArg>,
         /// Rounds of every measurement, interleaved; the table shows each figure's median.
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
         repeat: u64,
@@ -257,6 +260,8 @@ struct BenchOne {
     threads: usize,
     #[arg(long)]
     accuracy_level: Option<u8>,
+    #[arg(long, value_enum)]
+    kv_cache: Option<KvCacheArg>,
     #[arg(long)]
     repeat: usize,
 }
@@ -275,6 +280,11 @@ struct SessionArgs {
     /// through MatMulNBits (slower; see the README on speculative exactness).
     #[arg(long)]
     accuracy_level: Option<u8>,
+    /// KV cache element type: f16 (CPU only) halves its memory and the bytes a decode step
+    /// reads. Default: f16 on the CPU for integer-quantized weights at the default accuracy
+    /// level, else f32.
+    #[arg(long, value_enum)]
+    kv_cache: Option<KvCacheArg>,
 }
 
 impl SessionArgs {
@@ -283,6 +293,7 @@ impl SessionArgs {
             provider: self.ep.into(),
             intra_threads: self.threads,
             matmul_accuracy_level: self.accuracy_level,
+            kv_cache: self.kv_cache.map(Into::into),
             ..Default::default()
         }
     }
@@ -352,6 +363,22 @@ enum Ep {
     Tensorrt,
 }
 
+/// `--kv-cache` values.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum KvCacheArg {
+    F32,
+    F16,
+}
+
+impl From<KvCacheArg> for KvCache {
+    fn from(k: KvCacheArg) -> KvCache {
+        match k {
+            KvCacheArg::F32 => KvCache::F32,
+            KvCacheArg::F16 => KvCache::F16,
+        }
+    }
+}
+
 impl From<Ep> for Provider {
     fn from(e: Ep) -> Provider {
         match e {
@@ -371,6 +398,7 @@ fn main() -> Result<()> {
             streams: a.streams,
             threads: a.threads,
             accuracy_level: a.accuracy_level,
+            kv_cache: a.kv_cache.map(Into::into),
             repeat: a.repeat,
         };
         let row = kiln::bench::bench_artifact(&a.artifact, &opts).map_err(anyhow::Error::msg)?;
@@ -545,12 +573,14 @@ fn main() -> Result<()> {
             streams,
             threads,
             accuracy_level,
+            kv_cache,
             repeat,
             json,
             ..
         } => {
-            let repeat = repeat as usize;
-            let opts = kiln::bench::BenchOptions { tokens, long_context, streams, threads, accuracy_level, repeat };
+            let (repeat, kv_cache) = (repeat as usize, kv_cache.map(Into::into));
+            let opts =
+                kiln::bench::BenchOptions { tokens, long_context, streams, threads, accuracy_level, kv_cache, repeat };
             bench(&artifacts, &opts, json)
         }
     }
@@ -813,6 +843,7 @@ fn bench(artifacts: &[PathBuf], opts: &kiln::bench::BenchOptions, json: bool) ->
             .args(["--streams", &streams.join(","), "--threads", &opts.threads.to_string()])
             .args(["--repeat", &opts.repeat.to_string()])
             .args(opts.accuracy_level.map(|l| format!("--accuracy-level={l}")))
+            .args(opts.kv_cache.map(|k| format!("--kv-cache={}", k.name())))
             .stderr(std::process::Stdio::inherit())
             .output()
             .context("running the bench process")?;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use crate::engine::{artifact_tokenizer, Engine, EngineOptions, Prompt, Request};
 use crate::model::reference::argmax;
 use crate::onnx::manifest::{self, Manifest};
-use crate::runtime::{Forward, ServingDecoder, SessionOptions};
+use crate::runtime::{Forward, KvCache, ServingDecoder, SessionOptions};
 
 /// What to measure.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,6 +26,8 @@ pub struct BenchOptions {
     pub threads: usize,
     /// MatMulNBits accuracy level (None: ONNX Runtime's default, 4).
     pub accuracy_level: Option<u8>,
+    /// KV cache element type (None: the artifact's default).
+    pub kv_cache: Option<KvCache>,
     /// Rounds of every measurement; the row reports medians.
     pub repeat: usize,
 }
@@ -44,6 +46,8 @@ pub struct BenchRow {
     pub name: String,
     /// Bytes of `model.onnx.data`.
     pub weight_bytes: u64,
+    /// KV cache element type ("f32", "f16").
+    pub kv_cache: String,
     /// Peak resident memory of the process after the single-stream measurements.
     pub peak_rss_bytes: u64,
     /// Time to first token for a 128-token prompt, seconds.
@@ -75,6 +79,7 @@ pub fn bench_artifact(dir: &Path, opts: &BenchOptions) -> Result<BenchRow, Bench
     let session = SessionOptions {
         intra_threads: opts.threads,
         matmul_accuracy_level: opts.accuracy_level,
+        kv_cache: opts.kv_cache,
         ..Default::default()
     };
     let tokens = prompt_tokens(dir, &m, opts.long_context.max(PREFILL_PROMPT))?;
@@ -85,6 +90,7 @@ pub fn bench_artifact(dir: &Path, opts: &BenchOptions) -> Result<BenchRow, Bench
         return Err(format!("a {longest}-token prompt + {} tokens exceeds max_context {}", opts.tokens, m.max_context));
     }
     let mut dec = ServingDecoder::open(dir, &session, 1, context).map_err(|e| e.to_string())?;
+    let kv_cache = dec.kv_cache();
     let err = |e: crate::runtime::RuntimeError| e.to_string();
 
     // Warm-up: the first runs allocate ONNX Runtime's buffers.
@@ -133,6 +139,7 @@ pub fn bench_artifact(dir: &Path, opts: &BenchOptions) -> Result<BenchRow, Bench
     Ok(BenchRow {
         name: m.name.clone(),
         weight_bytes,
+        kv_cache: kv_cache.name().into(),
         peak_rss_bytes,
         ttft_s: median(&mut ttft),
         prefill_tokens_per_s: median(&mut prefill),
@@ -218,9 +225,10 @@ pub fn render(rows: &[BenchRow]) -> String {
     let streams: Vec<usize> = rows.first().map(|r| r.streams.iter().map(|s| s.0).collect()).unwrap_or_default();
     let long = rows.first().map_or(0, |r| r.long_context);
     out.push_str(&format!(
-        "{:<22} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>6}",
+        "{:<22} {:>9} {:>4} {:>9} {:>9} {:>10} {:>9} {:>9} {:>6}",
         "artifact",
         "weights",
+        "KV",
         "peak RSS",
         "TTFT",
         "prefill",
@@ -233,8 +241,8 @@ pub fn render(rows: &[BenchRow]) -> String {
     }
     out.push('\n');
     out.push_str(&format!(
-        "{:<22} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>6}",
-        "", "MB", "MB", "ms", "tok/s", "tok/s", "tok/s", ""
+        "{:<22} {:>9} {:>4} {:>9} {:>9} {:>10} {:>9} {:>9} {:>6}",
+        "", "MB", "", "MB", "ms", "tok/s", "tok/s", "tok/s", ""
     ));
     for _ in &streams {
         out.push_str(&format!(" {:>9}", "tok/s"));
@@ -242,9 +250,10 @@ pub fn render(rows: &[BenchRow]) -> String {
     out.push('\n');
     for r in rows {
         out.push_str(&format!(
-            "{:<22} {:>9.1} {:>9.0} {:>9.1} {:>10.0} {:>9.1} {:>9.1} {:>6.2}",
+            "{:<22} {:>9.1} {:>4} {:>9.0} {:>9.1} {:>10.0} {:>9.1} {:>9.1} {:>6.2}",
             r.name,
             r.weight_bytes as f64 / 1e6,
+            r.kv_cache,
             r.peak_rss_bytes as f64 / 1e6,
             r.ttft_s * 1e3,
             r.prefill_tokens_per_s,
@@ -277,6 +286,7 @@ mod tests {
         let row = BenchRow {
             name: "int4".into(),
             weight_bytes: 119_000_000,
+            kv_cache: "f16".into(),
             peak_rss_bytes: 300_000_000,
             ttft_s: 0.2,
             prefill_tokens_per_s: 500.0,
@@ -292,6 +302,6 @@ mod tests {
         let lines: Vec<&str> = table.lines().collect();
         assert!(lines[0].contains("@1024") && lines[0].contains("8 str"), "{table}");
         let cells: Vec<&str> = lines[2].split_whitespace().collect();
-        assert_eq!(cells, ["int4", "119.0", "300", "200.0", "500", "100.0", "60.0", "0.57", "90.0", "270.0"]);
+        assert_eq!(cells, ["int4", "119.0", "f16", "300", "200.0", "500", "100.0", "60.0", "0.57", "90.0", "270.0"]);
     }
 }

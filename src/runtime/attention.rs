@@ -10,42 +10,87 @@
 //! CPU sessions of `serving.onnx` run it: [`move_nodes`] moves the graph's attention nodes
 //! into kiln's domain at load; the artifact keeps the standard contrib op, which the CUDA and
 //! TensorRT providers run.
+//!
+//! The KV cache is f32, or f16 ([`KvCache::F16`]): half the memory. f16 keys and values are
+//! widened as they are loaded; the arithmetic is the same f32 arithmetic either way.
 
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorInput, OperatorOutput};
 use ort::value::TensorElementType;
 use tract_onnx::pb;
 
-const OP: &str = "GroupQueryAttention";
+use super::KvCache;
 
-/// Moves `graph`'s GroupQueryAttention nodes into `domain`; returns how many.
-pub fn move_nodes(graph: &mut pb::GraphProto, domain: &str) -> usize {
+const OP: &str = "GroupQueryAttention";
+/// The operator's name where the KV cache is f16.
+const F16_CACHE_OP: &str = "GroupQueryAttentionF16Cache";
+
+/// Moves `graph`'s GroupQueryAttention nodes into `domain`; returns how many. With an f16
+/// `cache` the nodes become the f16-cache operator and their past and present tensors,
+/// which must be graph inputs and outputs used by nothing else, become f16.
+pub fn move_nodes(graph: &mut pb::GraphProto, domain: &str, cache: KvCache) -> Result<usize, String> {
     let mut moved = 0;
+    let mut retyped = Vec::new();
     for node in graph.node.iter_mut().filter(|n| n.op_type == OP && n.domain == "com.microsoft") {
         node.domain = domain.into();
+        if cache == KvCache::F16 {
+            node.op_type = F16_CACHE_OP.into();
+            let (past, present) = (node.input.get(3..5), node.output.get(1..3));
+            let names = past.zip(present).ok_or_else(|| format!("attention node {:?} has no KV cache", node.name))?;
+            retyped.extend(names.0.iter().chain(names.1).cloned());
+        }
         moved += 1;
     }
-    moved
+    for name in &retyped {
+        let users = graph.node.iter().filter(|n| n.input.contains(name)).count();
+        let info = graph.input.iter_mut().chain(graph.output.iter_mut()).find(|v| &v.name == name);
+        let tensor = info.and_then(|v| v.r#type.as_mut()).and_then(|t| match &mut t.value {
+            Some(pb::type_proto::Value::TensorType(t)) => Some(t),
+            _ => None,
+        });
+        match tensor {
+            Some(t) if users <= 1 => t.elem_type = pb::tensor_proto::DataType::Float16 as i32,
+            _ => return Err(format!("KV cache tensor {name:?} is not a graph input or output of one attention node")),
+        }
+    }
+    Ok(moved)
 }
 
-/// The operator: inputs and attributes as GroupQueryAttention's.
-pub struct CachedAttention;
+/// The operator: inputs and attributes as GroupQueryAttention's, the KV cache (past inputs
+/// 3 and 4, present outputs 1 and 2) of type `cache`.
+pub struct CachedAttention {
+    /// The KV cache's element type.
+    pub cache: KvCache,
+}
+
+impl CachedAttention {
+    fn cache_type(&self) -> TensorElementType {
+        match self.cache {
+            KvCache::F32 => TensorElementType::Float32,
+            KvCache::F16 => TensorElementType::Float16,
+        }
+    }
+}
 
 impl Operator for CachedAttention {
     type Kernel<'attr> = AttentionKernel;
 
     fn name(&self) -> &str {
-        OP
+        match self.cache {
+            KvCache::F32 => OP,
+            KvCache::F16 => F16_CACHE_OP,
+        }
     }
 
     fn inputs(&self) -> impl IntoIterator<Item = OperatorInput> {
-        let f = TensorElementType::Float32;
-        let i = TensorElementType::Int32;
+        let (f, i, c) = (TensorElementType::Float32, TensorElementType::Int32, self.cache_type());
         [
             OperatorInput::required(f),
             OperatorInput::optional(f),
             OperatorInput::optional(f),
-            OperatorInput::required(f),
-            OperatorInput::required(f),
+            OperatorInput::required(c),
+            OperatorInput::required(c),
             OperatorInput::required(i),
             OperatorInput::required(i),
             OperatorInput::required(f),
@@ -54,8 +99,8 @@ impl Operator for CachedAttention {
     }
 
     fn outputs(&self) -> impl IntoIterator<Item = OperatorOutput> {
-        let f = TensorElementType::Float32;
-        [OperatorOutput::required(f), OperatorOutput::required(f), OperatorOutput::required(f)]
+        let (f, c) = (TensorElementType::Float32, self.cache_type());
+        [OperatorOutput::required(f), OperatorOutput::required(c), OperatorOutput::required(c)]
     }
 
     fn create_kernel<'attr>(&self, info: &KernelContext<'attr>) -> ort::Result<AttentionKernel> {
@@ -83,6 +128,7 @@ impl Operator for CachedAttention {
             kv_heads,
             window,
             scale,
+            cache: self.cache,
             simd: simd_available(),
             q: Vec::new(),
             partials: Vec::new(),
@@ -97,7 +143,8 @@ pub struct AttentionKernel {
     window: Option<usize>,
     /// None: 1/√head_dim.
     scale: Option<f32>,
-    /// The CPU runs the AVX2 + FMA kernels.
+    cache: KvCache,
+    /// The CPU runs the AVX2 + FMA + F16C kernels.
     simd: bool,
     /// Scratch kept between calls: rotated queries, and the chunks' softmax partials.
     q: Vec<f32>,
@@ -109,6 +156,16 @@ const QUERY_BLOCK: usize = 16;
 
 impl Kernel for AttentionKernel {
     fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
+        match self.cache {
+            KvCache::F32 => self.attend::<f32>(ctx),
+            KvCache::F16 => self.attend::<f16>(ctx),
+        }
+    }
+}
+
+impl AttentionKernel {
+    /// One call with a KV cache of `T`.
+    fn attend<T: CacheElement>(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
         let fail = |what: String| ort::Error::new(format!("kiln GroupQueryAttention: {what}"));
         let input = |i: usize| ctx.input(i)?.ok_or_else(|| fail(format!("input {i} missing")));
         let query = input(0)?;
@@ -126,9 +183,9 @@ impl Kernel for AttentionKernel {
         let sin = input(8)?;
         let (_, sin) = sin.try_extract_tensor::<f32>()?;
         // The past buffers by address only: the present outputs are the same memory.
-        let past = |i: usize| -> ort::Result<(Vec<i64>, *const f32, usize)> {
+        let past = |i: usize| -> ort::Result<(Vec<i64>, *const T, usize)> {
             let v = input(i)?;
-            let (shape, data) = v.try_extract_tensor::<f32>()?;
+            let (shape, data) = v.try_extract_tensor::<T>()?;
             Ok((shape.to_vec(), data.as_ptr(), data.len()))
         };
         let (cache_shape, key_ptr, cache_len) = past(3)?;
@@ -168,9 +225,9 @@ impl Kernel for AttentionKernel {
         }
 
         let mut present_key = ctx.output(1, cache_shape.clone())?.ok_or_else(|| fail("output 1".into()))?;
-        let (_, keys) = present_key.try_extract_tensor_mut::<f32>()?;
+        let (_, keys) = present_key.try_extract_tensor_mut::<T>()?;
         let mut present_value = ctx.output(2, cache_shape)?.ok_or_else(|| fail("output 2".into()))?;
-        let (_, values) = present_value.try_extract_tensor_mut::<f32>()?;
+        let (_, values) = present_value.try_extract_tensor_mut::<T>()?;
         // The serving runtime binds one buffer as past and present; anything else gets a copy.
         for (to, from) in [(&mut *keys, key_ptr), (&mut *values, value_ptr)] {
             if to.as_ptr() != from {
@@ -184,6 +241,7 @@ impl Kernel for AttentionKernel {
         let half = d / 2;
         let mut q = std::mem::take(&mut self.q);
         q.resize(b * s * h * d, 0.0);
+        let mut rotated = vec![0f32; d];
         for row in 0..b {
             for t in 0..s {
                 let pos = past[row] + t;
@@ -201,8 +259,9 @@ impl Kernel for AttentionKernel {
                 }
                 for g in 0..kvh {
                     let at = ((row * kvh + g) * context + pos) * d;
-                    rotate(&k[g * d..][..d], c, sn, &mut keys[at..][..d]);
-                    values[at..][..d].copy_from_slice(&v[g * d..][..d]);
+                    rotate(&k[g * d..][..d], c, sn, &mut rotated);
+                    T::narrow(&rotated, &mut keys[at..][..d]);
+                    T::narrow(&v[g * d..][..d], &mut values[at..][..d]);
                 }
             }
         }
@@ -227,16 +286,71 @@ impl Kernel for AttentionKernel {
     }
 }
 
+/// An element type of the KV cache.
+trait CacheElement: ort::value::PrimitiveTensorElementType + Copy + std::fmt::Debug + Send + Sync + 'static {
+    /// `src` in this type, into `dst` (same length).
+    fn narrow(src: &[f32], dst: &mut [Self]);
+    /// The value as f32.
+    fn to_f32(self) -> f32;
+    /// Eight values from `p` as f32.
+    ///
+    /// # Safety
+    /// `p` points to eight values; the CPU has AVX2, FMA and F16C.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl CacheElement for f32 {
+    fn narrow(src: &[f32], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
+
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
+        // SAFETY: the caller's promise.
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+}
+
+impl CacheElement for f16 {
+    fn narrow(src: &[f32], dst: &mut [f16]) {
+        dst.convert_from_f32_slice(src);
+    }
+
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn load8(p: *const f16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::{_mm256_cvtph_ps, _mm_loadu_si128};
+        // SAFETY: the caller's promise (eight f16 values are 16 bytes; unaligned load).
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
+    }
+}
+
 /// Floats of scratch an attention node keeps between calls.
 const KEPT_SCRATCH: usize = 1 << 16;
 
 /// Keys per parallel task.
 const KEY_CHUNK: usize = 256;
 
-/// Whether the CPU runs the AVX2 + FMA kernels.
+/// Whether the CPU runs the AVX2 + FMA (+ F16C) kernels.
 fn simd_available() -> bool {
     #[cfg(target_arch = "x86_64")]
-    return std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+    return std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c");
     #[cfg(not(target_arch = "x86_64"))]
     false
 }
@@ -248,7 +362,7 @@ struct Attention<'a> {
     past: &'a [usize],
     window: Option<usize>,
     scale: f32,
-    /// Use the AVX2 + FMA kernels (only where [`simd_available`]).
+    /// Use the AVX2 + FMA + F16C kernels (only where [`simd_available`]).
     simd: bool,
 }
 
@@ -258,11 +372,11 @@ impl Attention<'_> {
     /// chunk of keys) — run through `par` (count, task); each leaves, per query and head,
     /// its chunk's softmax partials (max, sum, unnormalized output) in `partials`, merged
     /// afterwards.
-    fn run<E>(
+    fn run<T: CacheElement, E>(
         &self,
         q: &[f32],
-        keys: &[f32],
-        values: &[f32],
+        keys: &[T],
+        values: &[T],
         partials: &mut Vec<f32>,
         out: &mut [f32],
         par: impl FnOnce(usize, &(dyn Fn(usize) + Sync + Send)) -> Result<(), E>,
@@ -344,35 +458,41 @@ struct Job<'a> {
 impl Job<'_> {
     /// Writes the partials of each query and head: max score, sum of exponentials, and
     /// the unnormalized output (sum 0 where the chunk holds none of the query's keys).
-    fn run(&self, q: &[f32], keys: &[f32], values: &[f32], partial: &mut [f32]) {
+    fn run<T: CacheElement>(&self, q: &[f32], keys: &[T], values: &[T], partial: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         if self.attention.simd {
-            // SAFETY: `simd` is set only where the CPU has AVX2 and FMA.
+            // SAFETY: `simd` is set only where the CPU has AVX2, FMA and F16C.
             return unsafe { self.run_avx2(q, keys, values, partial) };
         }
-        self.dispatch::<false>(q, keys, values, partial)
+        self.dispatch::<T, false>(q, keys, values, partial)
     }
 
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    fn run_avx2(&self, q: &[f32], keys: &[f32], values: &[f32], partial: &mut [f32]) {
-        self.dispatch::<true>(q, keys, values, partial)
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn run_avx2<T: CacheElement>(&self, q: &[f32], keys: &[T], values: &[T], partial: &mut [f32]) {
+        self.dispatch::<T, true>(q, keys, values, partial)
     }
 
     /// The common head sizes with their size known to the compiler; `AVX2`: only from
     /// [`Self::run_avx2`].
     #[inline(always)]
-    fn dispatch<const AVX2: bool>(&self, q: &[f32], keys: &[f32], values: &[f32], partial: &mut [f32]) {
+    fn dispatch<T: CacheElement, const AVX2: bool>(&self, q: &[f32], keys: &[T], values: &[T], partial: &mut [f32]) {
         match self.attention.shape.head_dim {
-            64 => self.attend::<64, AVX2>(q, keys, values, partial),
-            128 => self.attend::<128, AVX2>(q, keys, values, partial),
-            _ => self.attend::<0, AVX2>(q, keys, values, partial),
+            64 => self.attend::<T, 64, AVX2>(q, keys, values, partial),
+            128 => self.attend::<T, 128, AVX2>(q, keys, values, partial),
+            _ => self.attend::<T, 0, AVX2>(q, keys, values, partial),
         }
     }
 
     /// `D`: the head size, or 0 for the shape's.
     #[inline(always)]
-    fn attend<const D: usize, const AVX2: bool>(&self, q: &[f32], keys: &[f32], values: &[f32], partial: &mut [f32]) {
+    fn attend<T: CacheElement, const D: usize, const AVX2: bool>(
+        &self,
+        q: &[f32],
+        keys: &[T],
+        values: &[T],
+        partial: &mut [f32],
+    ) {
         let Attention { shape, past, window, scale, .. } = *self.attention;
         let Shape { heads, kv_heads, head_dim, context, seq } = shape;
         let d = if D > 0 { D } else { head_dim };
@@ -392,65 +512,67 @@ impl Job<'_> {
                     continue;
                 }
                 let scores = &mut scores[..end - first];
-                lanes::scores::<AVX2>(qv, &keys[first * d..end * d], scores);
+                lanes::scores::<T, AVX2>(qv, &keys[first * d..end * d], scores);
                 let max = scores.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * scale;
                 scores.iter_mut().for_each(|v| *v = exp(*v * scale - max));
                 let (head, acc) = p.split_at_mut(2);
-                lanes::weighted_sum::<AVX2>(scores, &values[first * d..end * d], acc);
+                lanes::weighted_sum::<T, AVX2>(scores, &values[first * d..end * d], acc);
                 head.copy_from_slice(&[max, sum(scores)]);
             }
         }
     }
 }
 
-/// Scores and weighted sums over the rows of a head's keys or values: with AVX2 and FMA,
-/// or portable. `AVX2` is true only on a CPU with both.
+/// Scores and weighted sums over the rows of a head's keys or values (f32 or f16): with
+/// AVX2, FMA and F16C, or portable. `AVX2` is true only on a CPU with all three.
 mod lanes {
     #[cfg(target_arch = "x86_64")]
     use std::arch::x86_64::*;
 
+    use super::CacheElement;
+
     /// `out[k] = q · keys[k]` for each row `k` of `keys` (rows of `q.len()`).
     #[inline(always)]
-    pub fn scores<const AVX2: bool>(q: &[f32], keys: &[f32], out: &mut [f32]) {
+    pub fn scores<T: CacheElement, const AVX2: bool>(q: &[f32], keys: &[T], out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         if AVX2 && q.len().is_multiple_of(8) {
-            // SAFETY: AVX2 and FMA are there (the callers' promise).
+            // SAFETY: AVX2, FMA and F16C are there (the callers' promise).
             return unsafe { scores_avx2(q, keys, out) };
         }
         for (o, key) in out.iter_mut().zip(keys.chunks_exact(q.len())) {
-            *o = q.iter().zip(key).map(|(x, y)| x * y).sum();
+            *o = q.iter().zip(key).map(|(x, y)| x * y.to_f32()).sum();
         }
     }
 
     /// `acc = Σ_k w[k] · values[k]` over the rows of `values` (rows of `acc.len()`).
     #[inline(always)]
-    pub fn weighted_sum<const AVX2: bool>(w: &[f32], values: &[f32], acc: &mut [f32]) {
+    pub fn weighted_sum<T: CacheElement, const AVX2: bool>(w: &[f32], values: &[T], acc: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         if AVX2 && acc.len().is_multiple_of(8) {
-            // SAFETY: AVX2 and FMA are there (the callers' promise).
+            // SAFETY: AVX2, FMA and F16C are there (the callers' promise).
             return unsafe { weighted_sum_avx2(w, values, acc) };
         }
         acc.fill(0.0);
         for (&wk, value) in w.iter().zip(values.chunks_exact(acc.len())) {
-            acc.iter_mut().zip(value).for_each(|(y, &v)| *y += wk * v);
+            acc.iter_mut().zip(value).for_each(|(y, &v)| *y += wk * v.to_f32());
         }
     }
 
-    /// The eight values of `x` from `i` (bounds-checked).
+    /// The eight values of `x` from `i` as f32 (bounds-checked).
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    fn load8(x: &[f32], i: usize) -> __m256 {
+    fn load8<T: CacheElement>(x: &[T], i: usize) -> __m256 {
         let v = &x[i..i + 8];
-        // SAFETY: `v` holds eight values.
-        unsafe { _mm256_loadu_ps(v.as_ptr()) }
+        // SAFETY: `v` holds eight values; the features are enabled here.
+        unsafe { T::load8(v.as_ptr()) }
     }
 
     /// Four keys at a time, their four sums reduced together. `q.len()` is a multiple of 8.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    fn scores_avx2(q: &[f32], keys: &[f32], out: &mut [f32]) {
+    fn scores_avx2<T: CacheElement>(q: &[f32], keys: &[T], out: &mut [f32]) {
         let d = q.len();
         let n = out.len().min(keys.len() / d);
         let mut k = 0;
@@ -483,17 +605,18 @@ mod lanes {
         }
     }
 
-    /// 32 columns at a time held in registers over all rows. `acc.len()` is a multiple of 8.
+    /// 64 columns at a time held in registers over all rows (eight independent sums per
+    /// row). `acc.len()` is a multiple of 8.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    fn weighted_sum_avx2(w: &[f32], values: &[f32], acc: &mut [f32]) {
+    fn weighted_sum_avx2<T: CacheElement>(w: &[f32], values: &[T], acc: &mut [f32]) {
         let d = acc.len();
         let n = w.len().min(values.len() / d);
         let mut col = 0;
         while col < d {
-            let width = (d - col).min(32) / 8;
-            let mut a = [_mm256_setzero_ps(); 4];
+            let width = (d - col).min(64) / 8;
+            let mut a = [_mm256_setzero_ps(); 8];
             for (k, &wk) in w[..n].iter().enumerate() {
                 let wv = _mm256_set1_ps(wk);
                 for (j, aj) in a[..width].iter_mut().enumerate() {
@@ -576,6 +699,66 @@ mod tests {
         assert_eq!(out, [-3.0, 2.0, 1.0, 4.0]);
     }
 
+    /// A graph of one GroupQueryAttention node whose KV cache is graph inputs and outputs.
+    fn attention_graph() -> pb::GraphProto {
+        let float = |name: &str| pb::ValueInfoProto {
+            name: name.into(),
+            r#type: Some(pb::TypeProto {
+                value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                    elem_type: pb::tensor_proto::DataType::Float as i32,
+                    shape: None,
+                })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let inputs = ["qkv", "", "", "past.key", "past.value", "seqlens", "total", "cos", "sin"];
+        pb::GraphProto {
+            node: vec![pb::NodeProto {
+                op_type: OP.into(),
+                domain: "com.microsoft".into(),
+                input: inputs.iter().map(|i| i.to_string()).collect(),
+                output: vec!["out".into(), "present.key".into(), "present.value".into()],
+                ..Default::default()
+            }],
+            input: ["qkv", "past.key", "past.value"].map(float).into(),
+            output: ["out", "present.key", "present.value"].map(float).into(),
+            ..Default::default()
+        }
+    }
+
+    /// Element types of the graph's inputs and outputs, by name.
+    fn io_types(g: &pb::GraphProto) -> Vec<(String, i32)> {
+        let elem = |v: &pb::ValueInfoProto| match v.r#type.as_ref().and_then(|t| t.value.as_ref()) {
+            Some(pb::type_proto::Value::TensorType(t)) => t.elem_type,
+            _ => 0,
+        };
+        g.input.iter().chain(&g.output).map(|v| (v.name.clone(), elem(v))).collect()
+    }
+
+    #[test]
+    fn an_f16_cache_retypes_exactly_the_past_and_present_tensors() {
+        let (f32_type, f16_type) =
+            (pb::tensor_proto::DataType::Float as i32, pb::tensor_proto::DataType::Float16 as i32);
+        let mut g = attention_graph();
+        assert_eq!(move_nodes(&mut g, "ai.kiln", KvCache::F32), Ok(1));
+        assert_eq!((g.node[0].op_type.as_str(), g.node[0].domain.as_str()), (OP, "ai.kiln"));
+        assert!(io_types(&g).iter().all(|(_, t)| *t == f32_type));
+
+        let mut g = attention_graph();
+        assert_eq!(move_nodes(&mut g, "ai.kiln", KvCache::F16), Ok(1));
+        assert_eq!((g.node[0].op_type.as_str(), g.node[0].domain.as_str()), (F16_CACHE_OP, "ai.kiln"));
+        let f16_named: Vec<String> =
+            io_types(&g).into_iter().filter(|(_, t)| *t == f16_type).map(|(name, _)| name).collect();
+        assert_eq!(f16_named, ["past.key", "past.value", "present.key", "present.value"]);
+
+        // A cache tensor something else reads cannot change type under it.
+        let mut g = attention_graph();
+        g.node.push(pb::NodeProto { op_type: "Shape".into(), input: vec!["past.key".into()], ..Default::default() });
+        let err = move_nodes(&mut g, "ai.kiln", KvCache::F16).expect_err("shared cache input");
+        assert!(err.contains("\"past.key\""), "{err}");
+    }
+
     /// Values in [-1, 1) from a fixed sequence.
     fn noise(n: usize, seed: u64) -> Vec<f32> {
         let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
@@ -622,7 +805,8 @@ mod tests {
     }
 
     /// Several key chunks and query blocks, rows at different positions, a sliding window,
-    /// head sizes with and without a compiled-in size: both kernels against `naive`.
+    /// head sizes with and without a compiled-in size: both kernels against `naive`, and an
+    /// f16 cache computing exactly what an f32 cache of the same values does.
     #[test]
     fn chunked_attention_matches_the_written_out_softmax() {
         let cases = [
@@ -637,19 +821,25 @@ mod tests {
             let shape = Shape { heads, kv_heads, head_dim: d, context, seq };
             let rows = pasts.len();
             let q = noise(rows * seq * heads * d, 1);
-            let keys = noise(rows * kv_heads * context * d, 2);
-            let values = noise(keys.len(), 3);
+            // Values an f16 cache holds exactly, so both caches must give the same result.
+            let f16_keys: Vec<f16> = noise(rows * kv_heads * context * d, 2).into_iter().map(f16::from_f32).collect();
+            let f16_values: Vec<f16> = noise(f16_keys.len(), 3).into_iter().map(f16::from_f32).collect();
+            let keys: Vec<f32> = f16_keys.iter().map(|k| k.to_f32()).collect();
+            let values: Vec<f32> = f16_values.iter().map(|v| v.to_f32()).collect();
+            let sequential = |n: usize, task: &(dyn Fn(usize) + Sync + Send)| -> Result<(), ()> {
+                (0..n).for_each(task);
+                Ok(())
+            };
             for simd in [false, simd_available()] {
                 let a = Attention { shape, past: &pasts, window, scale: 0.3, simd };
                 let want = naive(&a, &q, &keys, &values);
                 let mut out = vec![f32::NAN; want.len()];
-                let sequential = |n: usize, task: &(dyn Fn(usize) + Sync + Send)| -> Result<(), ()> {
-                    (0..n).for_each(task);
-                    Ok(())
-                };
                 a.run(&q, &keys, &values, &mut Vec::new(), &mut out, sequential).expect("runs");
                 let worst = out.iter().zip(&want).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
                 assert!(worst < 2e-5, "head_dim {d}, seq {seq}, pasts {pasts:?}, simd {simd}: off by {worst}");
+                let mut from_f16 = vec![f32::NAN; want.len()];
+                a.run(&q, &f16_keys, &f16_values, &mut Vec::new(), &mut from_f16, sequential).expect("runs");
+                assert_eq!(from_f16, out, "head_dim {d}, seq {seq}, pasts {pasts:?}, simd {simd}: f16 cache");
             }
         }
     }

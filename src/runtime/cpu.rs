@@ -8,23 +8,27 @@ use ort::operator::OperatorDomain;
 use prost::Message;
 use tract_onnx::pb;
 
-use super::{attention, matmul};
+use super::{attention, matmul, KvCache};
 
 /// The operator domain of kiln's CPU kernels.
 const DOMAIN: &str = "ai.kiln";
 
 /// The operators a CPU session of the serving graph registers.
 pub fn domain() -> ort::Result<OperatorDomain> {
-    OperatorDomain::new(DOMAIN)?.add(attention::CachedAttention)?.add(matmul::QuantizedMatMul)
+    OperatorDomain::new(DOMAIN)?
+        .add(attention::CachedAttention { cache: KvCache::F32 })?
+        .add(attention::CachedAttention { cache: KvCache::F16 })?
+        .add(matmul::QuantizedMatMul)
 }
 
 /// `serving.onnx` (its bytes) for a CPU session: attention always runs kiln's kernel;
 /// quantized MatMuls do where `int8_matmuls` (int8 activations allowed) and the CPU has
-/// AVX-512 VNNI, else ONNX Runtime fuses them into MatMulNBits as before.
-pub fn graph(bytes: &[u8], int8_matmuls: bool) -> Result<Vec<u8>, String> {
+/// AVX-512 VNNI, else ONNX Runtime fuses them into MatMulNBits as before. The KV cache
+/// (graph inputs `past_key_values.*`, outputs `present.*`) becomes `cache`.
+pub fn graph(bytes: &[u8], int8_matmuls: bool, cache: KvCache) -> Result<Vec<u8>, String> {
     let mut model = pb::ModelProto::decode(bytes).map_err(|e| format!("not an ONNX model: {e}"))?;
     let graph = model.graph.as_mut().ok_or("the model has no graph")?;
-    if attention::move_nodes(graph, DOMAIN) == 0 {
+    if attention::move_nodes(graph, DOMAIN, cache)? == 0 {
         return Err("the graph has no GroupQueryAttention node".into());
     }
     if int8_matmuls && matmul::available() {

@@ -84,6 +84,39 @@ pub enum Optimization {
     All,
 }
 
+/// Element type of the serving graph's KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvCache {
+    /// f32, what the artifact declares.
+    F32,
+    /// f16: half the memory, and half the bytes a decode step reads at long contexts (CPU
+    /// only: kiln's attention kernel).
+    F16,
+}
+
+impl KvCache {
+    /// Lower-case name as the command line spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            KvCache::F32 => "f32",
+            KvCache::F16 => "f16",
+        }
+    }
+
+    /// The cache a serving session of artifact `m` gets unless asked otherwise: f16 on the
+    /// CPU for integer-quantized weights at the default accuracy level (where the weights'
+    /// rounding dwarfs the cache's), else f32.
+    pub fn default_for(m: &Manifest, opts: &SessionOptions) -> KvCache {
+        let quantized = m.tensors.iter().any(|t| t.scheme.precision.bits().is_some());
+        let fast = opts.matmul_accuracy_level.is_none_or(|level| level >= 4);
+        if opts.provider == Provider::Cpu && quantized && fast {
+            KvCache::F16
+        } else {
+            KvCache::F32
+        }
+    }
+}
+
 /// Where ONNX Runtime runs the graph.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Provider {
@@ -240,6 +273,8 @@ pub struct SessionOptions {
     /// activations, fast; on the CPU kiln's quantized MatMul where it runs); 0 or 1 computes
     /// in f32 through MatMulNBits (exact math, for parity checks).
     pub matmul_accuracy_level: Option<u8>,
+    /// The serving graph's KV cache; `None`: [`KvCache::default_for`] the artifact.
+    pub kv_cache: Option<KvCache>,
     /// Write ONNX Runtime's optimized graph here (to inspect what it fused).
     pub optimized_model_path: Option<PathBuf>,
 }
@@ -346,7 +381,7 @@ fn open_session(path: &Path, form: GraphForm, opts: &SessionOptions) -> Result<S
         let bytes = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
         // Accuracy levels below 4 ask for f32 arithmetic: MatMulNBits keeps the products then.
         let int8_matmuls = opts.matmul_accuracy_level.is_none_or(|level| level >= 4);
-        let graph = cpu::graph(&bytes, int8_matmuls).map_err(fail)?;
+        let graph = cpu::graph(&bytes, int8_matmuls, opts.kv_cache.unwrap_or(KvCache::F32)).map_err(fail)?;
         let dir = path.parent().unwrap_or(Path::new("."));
         b.with_operators(cpu::domain().map_err(|e| fail(e.to_string()))?)
             .map_err(|e| fail(e.to_string()))?

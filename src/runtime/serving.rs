@@ -5,19 +5,20 @@
 //!
 //! Slot `s` is row `s` of every buffer (`[slots, kv_heads, context, head_dim]`, slot-major),
 //! so one slot, or slots `0..n`, is a contiguous region that ONNX Runtime can read and
-//! write directly.
+//! write directly. The buffers hold f32, or f16 on the CPU ([`KvCache`]).
 
 use std::ffi::CStr;
 use std::path::Path;
 use std::ptr::NonNull;
 
+use half::f16;
 use ndarray::{Array2, Ix3};
 use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::{OutputSelector, RunOptions, Session};
-use ort::value::{DynValue, Tensor, Value};
+use ort::value::{DynValue, PrimitiveTensorElementType, Tensor, Value};
 use ort::AsPointer;
 
-use super::{open_session, read_manifest, Forward, RuntimeError, SessionOptions};
+use super::{open_session, read_manifest, Forward, KvCache, Provider, RuntimeError, SessionOptions};
 use crate::onnx::decoder::GraphForm;
 use crate::onnx::manifest::{self, Manifest};
 
@@ -27,8 +28,7 @@ pub struct ServingDecoder {
     manifest: Manifest,
     slots: usize,
     context: usize,
-    /// Per layer, keys then values, each `[slots, kv_heads, context, head_dim]`.
-    kv: Vec<[Vec<f32>; 2]>,
+    kv: KvBuffers,
     memory: MemoryInfo<'static>,
     allocator: Allocator,
 }
@@ -55,9 +55,17 @@ impl ServingDecoder {
                 c.head_dim
             )));
         }
-        let session = open_session(&dir.join(manifest::SERVING_FILE), GraphForm::Serving, opts)?;
+        let cache = opts.kv_cache.unwrap_or_else(|| KvCache::default_for(&manifest, opts));
+        if cache == KvCache::F16 && opts.provider != Provider::Cpu {
+            return Err(bad(format!("an f16 KV cache runs on the CPU only, not {}", opts.provider.name())));
+        }
+        let opts = SessionOptions { kv_cache: Some(cache), ..opts.clone() };
+        let session = open_session(&dir.join(manifest::SERVING_FILE), GraphForm::Serving, &opts)?;
         let len = slots * c.num_kv_heads * context * c.head_dim;
-        let kv = (0..c.num_layers).map(|_| [vec![0f32; len], vec![0f32; len]]).collect();
+        let kv = match cache {
+            KvCache::F32 => KvBuffers::F32((0..2 * c.num_layers).map(|_| vec![0.0; len]).collect()),
+            KvCache::F16 => KvBuffers::F16((0..2 * c.num_layers).map(|_| vec![f16::ZERO; len]).collect()),
+        };
         let run =
             |e: ort::Error| RuntimeError::Session { path: dir.join(manifest::SERVING_FILE), reason: e.to_string() };
         let memory =
@@ -72,7 +80,18 @@ impl ServingDecoder {
 
     /// Bytes of the KV buffers.
     pub fn kv_bytes(&self) -> usize {
-        self.kv.iter().map(|[k, v]| (k.len() + v.len()) * 4).sum()
+        match &self.kv {
+            KvBuffers::F32(b) => b.iter().map(|b| size_of_val(b.as_slice())).sum(),
+            KvBuffers::F16(b) => b.iter().map(|b| size_of_val(b.as_slice())).sum(),
+        }
+    }
+
+    /// The KV cache's element type.
+    pub fn kv_cache(&self) -> KvCache {
+        match self.kv {
+            KvBuffers::F32(_) => KvCache::F32,
+            KvBuffers::F16(_) => KvCache::F16,
+        }
     }
 
     fn per_slot(&self) -> usize {
@@ -104,20 +123,18 @@ impl ServingDecoder {
         let shape = [rows as i64, c.num_kv_heads as i64, self.context as i64, c.head_dim as i64];
         let region = first * self.per_slot()..(first + rows) * self.per_slot();
         let mut outputs = OutputSelector::default();
-        for (i, [k, v]) in self.kv.iter_mut().enumerate() {
-            for (buffer, kind) in [(k, "key"), (v, "value")] {
-                let data = &mut buffer[region.clone()];
-                // SAFETY: the buffers are never resized, and both values are dropped before
-                // this function returns, while `self.kv` is still borrowed.
-                let (past, present) = unsafe {
-                    (
-                        in_place(&self.memory, &self.allocator, data, shape)?,
-                        in_place(&self.memory, &self.allocator, data, shape)?,
-                    )
-                };
-                feeds.push((format!("past_key_values.{i}.{kind}"), past));
-                outputs = outputs.preallocate(format!("present.{i}.{kind}"), present);
+        // SAFETY: the buffers are never resized, and the views are dropped before this
+        // function returns, while `self.kv` is still borrowed.
+        let views = unsafe {
+            match &mut self.kv {
+                KvBuffers::F32(b) => views(b, region, shape, &self.memory, &self.allocator)?,
+                KvBuffers::F16(b) => views(b, region, shape, &self.memory, &self.allocator)?,
             }
+        };
+        for (i, [past, present]) in views.into_iter().enumerate() {
+            let (layer, kind) = (i / 2, if i % 2 == 0 { "key" } else { "value" });
+            feeds.push((format!("past_key_values.{layer}.{kind}"), past));
+            outputs = outputs.preallocate(format!("present.{layer}.{kind}"), present);
         }
         let options = RunOptions::new().map_err(err)?.with_outputs(outputs);
         let out = self.session.run_with_options(feeds, &options).map_err(err)?;
@@ -132,19 +149,59 @@ impl ServingDecoder {
     }
 }
 
+/// The KV buffers: per layer keys then values, each `[slots, kv_heads, context, head_dim]`.
+enum KvBuffers {
+    F32(Vec<Vec<f32>>),
+    F16(Vec<Vec<f16>>),
+}
+
+/// Two ONNX Runtime tensors (past and present) over `region` of each buffer, in order.
+///
+/// # Safety
+/// The buffers must stay alive and unmoved for as long as the returned values are used.
+unsafe fn views<T: PrimitiveTensorElementType>(
+    buffers: &mut [Vec<T>],
+    region: std::ops::Range<usize>,
+    shape: [i64; 4],
+    memory: &MemoryInfo<'_>,
+    allocator: &Allocator,
+) -> Result<Vec<[DynValue; 2]>, RuntimeError> {
+    let mut out = Vec::with_capacity(buffers.len());
+    for buffer in buffers {
+        let data = &mut buffer[region.clone()];
+        // SAFETY: the caller keeps `data` alive and unmoved while the views are used.
+        unsafe {
+            out.push([in_place(memory, allocator, data, shape)?, in_place(memory, allocator, data, shape)?]);
+        }
+    }
+    Ok(out)
+}
+
+/// Copies the first `len` values of each KV head of slot `from` to slot `to`, in every
+/// buffer (`heads` heads of equal size per slot of `per_slot` values).
+fn move_positions<T: Copy>(buffers: &mut [Vec<T>], from: usize, to: usize, len: usize, per_slot: usize, heads: usize) {
+    let per_head = per_slot / heads;
+    for buffer in buffers {
+        for head in 0..heads {
+            let (src, dst) = (from * per_slot + head * per_head, to * per_slot + head * per_head);
+            buffer.copy_within(src..src + len, dst);
+        }
+    }
+}
+
 /// An ONNX Runtime tensor over `data` itself (no copy), with `shape`.
 ///
 /// # Safety
 /// `data` must stay alive and unmoved for as long as the returned value is used.
-unsafe fn in_place(
+unsafe fn in_place<T: PrimitiveTensorElementType>(
     memory: &MemoryInfo<'_>,
     allocator: &Allocator,
-    data: &mut [f32],
+    data: &mut [T],
     shape: [i64; 4],
 ) -> Result<DynValue, RuntimeError> {
     let api = ort::api();
     let mut value: *mut ort::sys::OrtValue = std::ptr::null_mut();
-    // SAFETY: `data` is valid for `data.len()` f32 values, the shape has 4 entries and
+    // SAFETY: `data` is valid for `data.len()` values of `T`, the shape has 4 entries and
     // describes exactly `data.len()` elements (checked by ONNX Runtime).
     let status = unsafe {
         (api.CreateTensorWithDataAsOrtValue)(
@@ -153,7 +210,7 @@ unsafe fn in_place(
             std::mem::size_of_val(data),
             shape.as_ptr(),
             shape.len(),
-            ort::sys::ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+            T::into_tensor_element_type().into(),
             &mut value,
         )
     };
@@ -237,14 +294,11 @@ impl Forward for ServingDecoder {
         if from == to {
             return Ok(());
         }
-        let c = &self.manifest.config;
-        let (per_slot, context, hd) = (self.per_slot(), self.context, c.head_dim);
-        for buffer in self.kv.iter_mut().flat_map(|kv| kv.iter_mut()) {
-            for head in 0..c.num_kv_heads {
-                let src = from * per_slot + head * context * hd;
-                let dst = to * per_slot + head * context * hd;
-                buffer.copy_within(src..src + len * hd, dst);
-            }
+        let (per_slot, heads) = (self.per_slot(), self.manifest.config.num_kv_heads);
+        let positions = len * self.manifest.config.head_dim;
+        match &mut self.kv {
+            KvBuffers::F32(b) => move_positions(b, from, to, positions, per_slot, heads),
+            KvBuffers::F16(b) => move_positions(b, from, to, positions, per_slot, heads),
         }
         Ok(())
     }
