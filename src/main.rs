@@ -880,6 +880,9 @@ fn single_engine(
         if provider != Provider::Cpu {
             bail!("--ep {} needs an artifact directory; {} is a model", provider.name(), path.display());
         }
+        if let Some(cache) = opts.kv_cache {
+            bail!("--kv-cache {} needs an artifact directory; {} is a model", cache.name(), path.display());
+        }
         let model = load(path)?;
         let tokenizer = model.tokenizer.clone();
         let context = context.min(model.config.max_position_embeddings);
