@@ -558,14 +558,13 @@ mod lanes {
         }
     }
 
-    /// The eight values of `x` from `i` as f32 (bounds-checked).
+    /// Eight values as f32.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    fn load8<T: CacheElement>(x: &[T], i: usize) -> __m256 {
-        let v = &x[i..i + 8];
-        // SAFETY: `v` holds eight values; the features are enabled here.
-        unsafe { T::load8(v.as_ptr()) }
+    fn load8<T: CacheElement>(x: &[T; 8]) -> __m256 {
+        // SAFETY: `x` holds eight values; the features are enabled here.
+        unsafe { T::load8(x.as_ptr()) }
     }
 
     /// Four keys at a time, their four sums reduced together. `q.len()` is a multiple of 8.
@@ -575,29 +574,34 @@ mod lanes {
     fn scores_avx2<T: CacheElement>(q: &[f32], keys: &[T], out: &mut [f32]) {
         let d = q.len();
         let n = out.len().min(keys.len() / d);
-        let mut k = 0;
-        while k + 4 <= n {
-            let rows = &keys[k * d..(k + 4) * d];
+        let q8 = q.as_chunks::<8>().0;
+        let mut fours = keys[..n * d].chunks_exact(4 * d);
+        let mut outs = out[..n].chunks_exact_mut(4);
+        for (rows, o) in (&mut fours).zip(&mut outs) {
+            let (k0, rest) = rows.split_at(d);
+            let (k1, rest) = rest.split_at(d);
+            let (k2, k3) = rest.split_at(d);
             let mut acc = [_mm256_setzero_ps(); 4];
-            for i in (0..d).step_by(8) {
-                let qi = load8(q, i);
-                for (r, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_fmadd_ps(qi, load8(rows, r * d + i), *a);
-                }
+            let columns = q8.iter().zip(k0.as_chunks().0).zip(k1.as_chunks().0).zip(k2.as_chunks().0);
+            for ((((qi, a), b), c), e) in columns.zip(k3.as_chunks().0) {
+                let qi = load8(qi);
+                acc[0] = _mm256_fmadd_ps(qi, load8(a), acc[0]);
+                acc[1] = _mm256_fmadd_ps(qi, load8(b), acc[1]);
+                acc[2] = _mm256_fmadd_ps(qi, load8(c), acc[2]);
+                acc[3] = _mm256_fmadd_ps(qi, load8(e), acc[3]);
             }
             // [a0+a1 pairs, a2+a3 pairs] → one sum per key in each 128-bit half, then halves added.
             let h01 = _mm256_hadd_ps(acc[0], acc[1]);
             let h23 = _mm256_hadd_ps(acc[2], acc[3]);
             let h = _mm256_hadd_ps(h01, h23);
             let sums = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
-            // SAFETY: `k + 4 <= n <= out.len()`.
-            unsafe { _mm_storeu_ps(out.as_mut_ptr().add(k), sums) };
-            k += 4;
+            // SAFETY: `o` holds four values.
+            unsafe { _mm_storeu_ps(o.as_mut_ptr(), sums) };
         }
-        for (o, key) in out[k..n].iter_mut().zip(keys[k * d..].chunks_exact(d)) {
+        for (o, key) in outs.into_remainder().iter_mut().zip(fours.remainder().chunks_exact(d)) {
             let mut a = _mm256_setzero_ps();
-            for i in (0..d).step_by(8) {
-                a = _mm256_fmadd_ps(load8(q, i), load8(key, i), a);
+            for (qi, ki) in q8.iter().zip(key.as_chunks().0) {
+                a = _mm256_fmadd_ps(load8(qi), load8(ki), a);
             }
             let h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps::<1>(a));
             let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
@@ -612,22 +616,21 @@ mod lanes {
     #[inline]
     fn weighted_sum_avx2<T: CacheElement>(w: &[f32], values: &[T], acc: &mut [f32]) {
         let d = acc.len();
-        let n = w.len().min(values.len() / d);
         let mut col = 0;
         while col < d {
-            let width = (d - col).min(64) / 8;
+            let width = (d - col).min(64);
             let mut a = [_mm256_setzero_ps(); 8];
-            for (k, &wk) in w[..n].iter().enumerate() {
+            for (&wk, row) in w.iter().zip(values.chunks_exact(d)) {
                 let wv = _mm256_set1_ps(wk);
-                for (j, aj) in a[..width].iter_mut().enumerate() {
-                    *aj = _mm256_fmadd_ps(wv, load8(values, k * d + col + 8 * j), *aj);
+                for (aj, v) in a.iter_mut().zip(row[col..col + width].as_chunks().0) {
+                    *aj = _mm256_fmadd_ps(wv, load8(v), *aj);
                 }
             }
-            for (j, aj) in a[..width].iter().enumerate() {
-                // SAFETY: `col + 8 * j + 8 <= d = acc.len()`.
-                unsafe { _mm256_storeu_ps(acc.as_mut_ptr().add(col + 8 * j), *aj) };
+            for (aj, y) in a.iter().zip(acc[col..col + width].as_chunks_mut::<8>().0) {
+                // SAFETY: `y` holds eight values.
+                unsafe { _mm256_storeu_ps(y.as_mut_ptr(), *aj) };
             }
-            col += 8 * width;
+            col += width;
         }
     }
 }
@@ -672,7 +675,8 @@ fn exp(x: f32) -> f32 {
     let r = (x - n * 0.693_359_4) + n * 2.121_944_4e-4;
     let p = 1.0
         + r * (1.0
-            + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r / 5040.0))))));
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
     let scale = (t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127)) << 23;
     p * f32::from_bits(scale)
 }
