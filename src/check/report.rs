@@ -149,7 +149,7 @@ pub fn check(dir: &Path, opts: &CheckOptions, progress: &mut dyn FnMut(&str)) ->
     let t0 = Instant::now();
     let files = ArtifactFiles::open(dir)?;
     let m = &files.manifest;
-    let quantized = m.tensors.iter().any(|t| t.scheme.precision.bits().is_some());
+    let quantized = m.has_integer_weights();
     let tok = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json"))
         .map_err(|e| CheckError::Artifact { path: dir.join("tokenizer.json"), reason: e.to_string() })?;
     let prompts: Vec<Vec<u32>> = PARITY_PROMPTS

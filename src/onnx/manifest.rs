@@ -120,6 +120,11 @@ impl Manifest {
         }
         Ok(m)
     }
+
+    /// Whether any weight is stored as 4/8-bit integers.
+    pub fn has_integer_weights(&self) -> bool {
+        self.tensors.iter().any(|t| t.scheme.precision.bits().is_some())
+    }
 }
 
 /// Reads the graph of an artifact (`model.onnx`, without its external data).

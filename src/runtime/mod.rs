@@ -107,9 +107,7 @@ impl KvCache {
     /// CPU for integer-quantized weights at the default accuracy level (where the weights'
     /// rounding dwarfs the cache's), else f32.
     pub fn default_for(m: &Manifest, opts: &SessionOptions) -> KvCache {
-        let quantized = m.tensors.iter().any(|t| t.scheme.precision.bits().is_some());
-        let fast = opts.matmul_accuracy_level.is_none_or(|level| level >= 4);
-        if opts.provider == Provider::Cpu && quantized && fast {
+        if opts.provider == Provider::Cpu && m.has_integer_weights() && opts.int8_activations() {
             KvCache::F16
         } else {
             KvCache::F32
@@ -253,8 +251,12 @@ impl TensorRtOptions {
     /// Options for artifact `m`: INT8 kernels enabled when any weight is integer-quantized,
     /// profiles over `r`, engines cached in `cache`.
     pub fn for_artifact(m: &Manifest, r: &ShapeRange, fp16: bool, cache: Option<PathBuf>) -> TensorRtOptions {
-        let int8 = m.tensors.iter().any(|t| t.scheme.precision.bits().is_some());
-        TensorRtOptions { fp16, int8, engine_cache: cache, profile: ProfileShapes::for_manifest(m, r) }
+        TensorRtOptions {
+            fp16,
+            int8: m.has_integer_weights(),
+            engine_cache: cache,
+            profile: ProfileShapes::for_manifest(m, r),
+        }
     }
 }
 
@@ -277,6 +279,14 @@ pub struct SessionOptions {
     pub kv_cache: Option<KvCache>,
     /// Write ONNX Runtime's optimized graph here (to inspect what it fused).
     pub optimized_model_path: Option<PathBuf>,
+}
+
+impl SessionOptions {
+    /// Whether 4/8-bit products may quantize their activations to int8 (accuracy level 4,
+    /// the default), rather than compute in f32.
+    pub fn int8_activations(&self) -> bool {
+        self.matmul_accuracy_level.is_none_or(|level| level >= 4)
+    }
 }
 
 /// Path of the ONNX Runtime library: `KILN_ORT_LIB`, else the cache.
@@ -380,8 +390,7 @@ fn open_session(path: &Path, form: GraphForm, opts: &SessionOptions) -> Result<S
     let session = if form == GraphForm::Serving && opts.provider == Provider::Cpu {
         let bytes = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
         // Accuracy levels below 4 ask for f32 arithmetic: MatMulNBits keeps the products then.
-        let int8_matmuls = opts.matmul_accuracy_level.is_none_or(|level| level >= 4);
-        let graph = cpu::graph(&bytes, int8_matmuls, opts.kv_cache.unwrap_or(KvCache::F32)).map_err(fail)?;
+        let graph = cpu::graph(&bytes, opts.int8_activations(), opts.kv_cache.unwrap_or(KvCache::F32)).map_err(fail)?;
         let dir = path.parent().unwrap_or(Path::new("."));
         b.with_operators(cpu::domain().map_err(|e| fail(e.to_string()))?)
             .map_err(|e| fail(e.to_string()))?
