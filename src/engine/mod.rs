@@ -728,6 +728,8 @@ impl<F: Forward> Scheduler<F> {
                 return;
             }
         };
+        // Counted before their first tokens go out: a client that sees one sees it running.
+        self.running_count.store(first + burst, Ordering::Release);
         for ((a, queued), row) in admitted.into_iter().zip(queued).zip(logits.rows()) {
             let mut seq = self.sequence(a, queued);
             let choice = seq.sampler.choose(row.as_slice().expect("logits rows are contiguous"));
@@ -788,6 +790,7 @@ impl<F: Forward> Scheduler<F> {
             let row = logits.row(0);
             let row = row.as_slice().expect("logits rows are contiguous");
             let choice = seq.sampler.choose(row);
+            self.running_count.store(self.running.len() + 1, Ordering::Release);
             self.accept(&mut seq, choice);
             if slot < self.running.len() {
                 let moved = std::mem::replace(&mut self.running[slot], seq);
