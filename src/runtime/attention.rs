@@ -5,7 +5,8 @@
 //! SmolLM2 decode step (ONNX Runtime's profiler). This kernel does the
 //! same arithmetic for the subset of GroupQueryAttention the serving graph uses (q/k/v
 //! packed, rotary applied inside, past and present sharing one buffer, optional sliding
-//! window) and reads each key and value once per group of query heads that share it.
+//! window). One task takes the query heads of a KV group over a chunk of keys, so a chunk
+//! comes from memory once per group; each head then reads it from the core's caches.
 //!
 //! CPU sessions of `serving.onnx` run it: [`move_nodes`] moves the graph's attention nodes
 //! into kiln's domain at load; the artifact keeps the standard contrib op, which the CUDA and
