@@ -40,8 +40,12 @@ fn every_default_artifact_passes() {
         }
         assert_eq!(r["failures"].as_array().map(Vec::len), Some(0));
     }
-    // Quality is measured for every quantized artifact, and integrity for their tensors.
+    // Quality is measured for every quantized artifact, and integrity for their tensors;
+    // what `kiln serve` runs by default (f16 KV cache) is held against tract too.
     for r in &reports[1..] {
+        let names: Vec<&str> =
+            r["parity"].as_array().expect("rows").iter().filter_map(|p| p["name"].as_str()).collect();
+        assert!(names.iter().any(|n| n.starts_with("serving defaults (f16 KV cache) vs tract")), "{names:?}");
         assert!(r["quality"]["quality"]["ppl"].as_f64().is_some(), "{r}");
         assert!(r["integrity"]["tensors"].as_u64().expect("integrity") > 200);
     }

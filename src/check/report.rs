@@ -34,15 +34,18 @@ pub struct Tolerance {
 /// - CPU, exact math (MatMulNBits accuracy level 1, f32 everywhere): both compute
 ///   (code − zero point) · scale in f32 and f32 products; only summation order differs
 ///   (measured ~1e-5 relative). Top-1 may flip only at exact ties.
-/// - CPU, serving settings (accuracy level 4): fused kernels quantize activations to int8,
-///   about 5e-3 relative per product, compounding over layers; argmax flips where the top
-///   two logits are close.
+/// - CPU, serving settings (accuracy level 4, and kiln's serving defaults): fused kernels
+///   quantize activations to int8, about 5e-3 relative per product, compounding over layers;
+///   argmax flips where the top two logits are close. Any other perturbation (an f16 KV
+///   cache) re-draws which activations round up. Measured worst rows on the default
+///   artifacts: max rel 0.056-0.084 (ORT level 4, 33 rows), 0.063-0.105 (serving defaults,
+///   99 rows); KL at most 0.055, top-1 at least 0.89.
 /// - CUDA: fp32 through cuBLAS, possibly TF32 products: 1e-2.
 /// - TensorRT: fp16/int8 kernels: loose, like level 4.
 pub fn tolerance(provider: Provider, exact: bool) -> Tolerance {
     match (provider, exact) {
         (Provider::Cpu, true) => Tolerance { max_rel: 1e-4, min_top1: 0.99, max_kl: 1e-4 },
-        (Provider::Cpu, false) | (Provider::TensorRt, _) => Tolerance { max_rel: 0.1, min_top1: 0.8, max_kl: 0.1 },
+        (Provider::Cpu, false) | (Provider::TensorRt, _) => Tolerance { max_rel: 0.15, min_top1: 0.8, max_kl: 0.1 },
         (Provider::Cuda, _) => Tolerance { max_rel: 1e-2, min_top1: 0.95, max_kl: 1e-2 },
     }
 }
@@ -216,11 +219,11 @@ pub fn check(dir: &Path, opts: &CheckOptions, progress: &mut dyn FnMut(&str)) ->
     }
     // The serving graph (GroupQueryAttention; not a TensorRT graph) against the portable one,
     // three sequences in three slots of one batch.
+    let context = prompts.iter().map(Vec::len).max().unwrap_or(0) + opts.decode_steps + 1;
     if opts.provider != Provider::TensorRt {
         progress("parity: ORT serving graph vs portable graph, 3 slots");
         let level = if exact { Some(1) } else { None };
         let s = SessionOptions { provider: opts.provider, matmul_accuracy_level: level, ..Default::default() };
-        let context = prompts.iter().map(Vec::len).max().unwrap_or(0) + opts.decode_steps + 1;
         let mut serving =
             ServingDecoder::open(dir, &s, prompts.len(), context).map_err(|e| CheckError::Run(e.to_string()))?;
         let p = parity::compare_serving(m, &mut ort, &mut serving, &prompts, opts.decode_steps)?;
@@ -241,6 +244,15 @@ pub fn check(dir: &Path, opts: &CheckOptions, progress: &mut dyn FnMut(&str)) ->
             opts.decode_steps,
             tolerance(Provider::Cpu, false),
         ));
+        // What `kiln serve` runs on this CPU by default: the serving graph with kiln's kernels
+        // (int8 activations where the CPU has VNNI) and the default KV cache type.
+        let mut serving = ServingDecoder::open(dir, &SessionOptions::default(), prompts.len(), context)
+            .map_err(|e| CheckError::Run(e.to_string()))?;
+        let name =
+            format!("serving defaults ({} KV cache) vs tract, {} slots", serving.kv_cache().name(), prompts.len());
+        progress(&format!("parity: {name}"));
+        let p = parity::compare_serving(m, &mut tract, &mut serving, &prompts, opts.decode_steps)?;
+        report.parity.push(row(name, &p, opts.decode_steps, tolerance(Provider::Cpu, false)));
     }
     drop(tract);
     for r in report.parity.iter().filter(|r| !r.pass) {
@@ -304,13 +316,13 @@ fn row(name: String, p: &Parity, decode_steps: usize, tolerance: Tolerance) -> P
 fn describe(w: &StepStats, t: &Tolerance) -> String {
     let mut out = Vec::new();
     if w.max_rel > t.max_rel {
-        out.push(format!("max_rel {:.3e} > {:.0e}", w.max_rel, t.max_rel));
+        out.push(format!("max_rel {:.3e} > {:e}", w.max_rel, t.max_rel));
     }
     if w.top1 < t.min_top1 {
         out.push(format!("top1 {:.3} < {}", w.top1, t.min_top1));
     }
     if w.max_kl > t.max_kl {
-        out.push(format!("kl {:.3e} > {:.0e}", w.max_kl, t.max_kl));
+        out.push(format!("kl {:.3e} > {:e}", w.max_kl, t.max_kl));
     }
     out.join(", ")
 }
@@ -352,7 +364,7 @@ pub fn render(r: &Report) -> String {
     );
     for p in &r.parity {
         s += &format!(
-            "{:<54} {:>11.3e} {:>11.3e} {:>8.3} {:>11.3e}  {} (rel ≤ {:.0e}, top-1 ≥ {}, KL ≤ {:.0e})\n",
+            "{:<54} {:>11.3e} {:>11.3e} {:>8.3} {:>11.3e}  {} (rel ≤ {:e}, top-1 ≥ {}, KL ≤ {:e})\n",
             format!("{} + {}", p.name, p.decode_steps),
             p.worst.max_abs,
             p.worst.max_rel,
