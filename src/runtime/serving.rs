@@ -295,10 +295,10 @@ impl Forward for ServingDecoder {
             return Ok(());
         }
         let (per_slot, heads) = (self.per_slot(), self.manifest.config.num_kv_heads);
-        let positions = len * self.manifest.config.head_dim;
+        let values = len * self.manifest.config.head_dim;
         match &mut self.kv {
-            KvBuffers::F32(b) => move_positions(b, from, to, positions, per_slot, heads),
-            KvBuffers::F16(b) => move_positions(b, from, to, positions, per_slot, heads),
+            KvBuffers::F32(b) => move_positions(b, from, to, values, per_slot, heads),
+            KvBuffers::F16(b) => move_positions(b, from, to, values, per_slot, heads),
         }
         Ok(())
     }
