@@ -50,12 +50,14 @@ demo: setup build
 	$(KILN) generate export/out/int4 --prompt "$(PROMPT)" -n $(TOKENS)
 
 # The gRPC service on the default model (export skipped when up to date): proto/kiln/v1,
-# health, reflection; Prometheus metrics on METRICS_ADDR. SIGTERM/SIGINT drain and exit.
+# health, reflection; the OpenAI-compatible HTTP API on HTTP_ADDR; Prometheus metrics on
+# METRICS_ADDR. SIGTERM/SIGINT drain and exit.
 ADDR ?= 127.0.0.1:50051
+HTTP_ADDR ?= 127.0.0.1:8080
 METRICS_ADDR ?= 127.0.0.1:9090
 serve: setup build
 	$(KILN) export export/int4.toml
-	$(KILN) serve export/out/int4 --addr $(ADDR) --metrics-addr $(METRICS_ADDR)
+	$(KILN) serve export/out/int4 --addr $(ADDR) --http-addr $(HTTP_ADDR) --metrics-addr $(METRICS_ADDR)
 
 # The precision comparison: size, memory, TTFT, prefill, decode at short and 1024 context,
 # aggregate throughput of 1/4/8/16 streams.

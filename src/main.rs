@@ -219,6 +219,10 @@ enum Command {
         /// Serve Prometheus metrics on http://ADDR/metrics.
         #[arg(long, value_name = "ADDR")]
         metrics_addr: Option<std::net::SocketAddr>,
+        /// Serve the OpenAI-compatible HTTP API (/v1/models, /v1/completions,
+        /// /v1/chat/completions) on ADDR, on the same engine.
+        #[arg(long, value_name = "ADDR")]
+        http_addr: Option<std::net::SocketAddr>,
         /// Sequences generated at once (KV cache slots, allocated up front).
         #[arg(long, default_value_t = 8)]
         max_sequences: usize,
@@ -234,7 +238,8 @@ enum Command {
         /// max_tokens of a request that sets none.
         #[arg(long, default_value_t = 256)]
         default_max_tokens: u32,
-        /// Largest request message in bytes (larger ones get OUT_OF_RANGE).
+        /// Largest request message in bytes (larger gRPC messages get OUT_OF_RANGE, larger
+        /// HTTP bodies 413).
         #[arg(long, default_value_t = 4 << 20)]
         max_message_bytes: usize,
         /// Seconds open streams may run after SIGTERM/SIGINT.
@@ -455,6 +460,7 @@ fn main() -> Result<()> {
             draft,
             addr,
             metrics_addr,
+            http_addr,
             max_sequences,
             context,
             queue,
@@ -486,6 +492,7 @@ fn main() -> Result<()> {
                 draft,
                 addr,
                 metrics_addr,
+                http_addr,
                 session: session.options(),
                 max_sequences,
                 context,

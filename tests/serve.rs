@@ -268,7 +268,7 @@ async fn thirty_two_streams_then_a_hundred_cancelled() {
     assert!(idle <= 2, "the idle server used {idle} clock ticks of CPU in one second");
     assert_eq!(again.1, alone[0].1, "greedy output unchanged after the storm");
     let metrics = http_get(&server.metrics).await;
-    let cancelled = metric(&metrics, "kiln_requests_total{finish_reason=\"cancelled\"}");
+    let cancelled = metric(&metrics, "kiln_requests_total{protocol=\"grpc\",finish_reason=\"cancelled\"}");
     println!("{accepted} of 100 accepted (the rest found the queue full), {cancelled} cancellations counted");
     assert_eq!(cancelled, accepted, "every accepted request is counted as cancelled");
     assert!(accepted >= 64.0, "at least a queue's worth was accepted");

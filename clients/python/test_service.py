@@ -66,7 +66,7 @@ def main(addr, metrics_url, expected_path):
 
     # The first delta arrives while the sequence still runs (2000 tokens cannot be done by
     # then on any machine), and cancellation from Python frees the slot.
-    cancelled_before = metric(metrics_url, 'kiln_requests_total{finish_reason="cancelled"}')
+    cancelled_before = metric(metrics_url, 'kiln_requests_total{protocol="grpc",finish_reason="cancelled"}')
     call = client.generate(text="Tell me a long story.", max_tokens=2000, ignore_eos=True)
     running_at_first = None
     for i, msg in enumerate(call):
@@ -80,7 +80,7 @@ def main(addr, metrics_url, expected_path):
     check(wait_idle(client), "after cancel() the slot is free (ModelInfo.active_sequences == 0)")
     check(metric(metrics_url, "kiln_kv_slots_in_use") == 0, "metrics show no KV slot in use")
     check(
-        metric(metrics_url, 'kiln_requests_total{finish_reason="cancelled"}') == cancelled_before + 1,
+        metric(metrics_url, 'kiln_requests_total{protocol="grpc",finish_reason="cancelled"}') == cancelled_before + 1,
         "metrics count the cancelled request",
     )
 

@@ -11,6 +11,7 @@
 //! for a slot, and one more is refused with [`EngineError::Overloaded`].
 
 pub mod chat;
+pub mod grammar;
 pub mod native;
 pub mod sampling;
 pub mod speculative;
@@ -28,6 +29,7 @@ use std::time::{Duration, Instant};
 use ndarray::Array2;
 
 use self::chat::{ChatTemplate, Message};
+use self::grammar::{Constraint, Grammars, ResponseFormat};
 use self::sampling::{Sampler, SamplingParams};
 use self::speculative::{judge, prompt_lookup, DraftMethod, DraftModel, SpecState, SpecStats, Speculation, Verdict};
 use self::text::{Detokenizer, Filtered, StopStrings};
@@ -73,6 +75,9 @@ pub enum EngineError {
     /// The model failed.
     #[error("model: {0}")]
     Model(String),
+    /// A constrained sequence's grammar failed mid-generation.
+    #[error("constrained output: {0}")]
+    Constraint(String),
     /// The engine has stopped.
     #[error("the engine has shut down")]
     ShutDown,
@@ -88,6 +93,7 @@ impl EngineError {
             EngineError::ChatTemplate(_) => "chat_template",
             EngineError::Tokenizer(_) => "tokenizer",
             EngineError::Model(_) => "model",
+            EngineError::Constraint(_) => "constraint",
             EngineError::ShutDown => "shut_down",
         }
     }
@@ -129,6 +135,8 @@ pub struct Request {
     pub truncate_prompt: bool,
     /// Speculative decoding (none: plain decoding).
     pub speculative: Option<Speculation>,
+    /// What the output must be (none: free text).
+    pub response_format: Option<ResponseFormat>,
 }
 
 impl Default for Request {
@@ -142,6 +150,7 @@ impl Default for Request {
             ignore_eos: false,
             truncate_prompt: false,
             speculative: None,
+            response_format: None,
         }
     }
 }
@@ -291,6 +300,8 @@ pub struct Engine {
     slots: usize,
     context: usize,
     has_draft: bool,
+    /// Built at the first constrained request.
+    grammars: std::sync::OnceLock<Result<Grammars, EngineError>>,
 }
 
 /// Opens a draft model on the engine's thread.
@@ -312,6 +323,7 @@ struct Admitted {
     sink: Sink,
     cancel: Arc<AtomicBool>,
     submitted: Instant,
+    constraint: Option<Constraint>,
 }
 
 impl Engine {
@@ -392,6 +404,7 @@ impl Engine {
             slots,
             context,
             has_draft,
+            grammars: std::sync::OnceLock::new(),
         })
     }
 
@@ -453,6 +466,22 @@ impl Engine {
         Ok(Generation { events, cancel })
     }
 
+    /// The grammar state `request`'s output starts in.
+    fn constrain(&self, request: &Request, format: &ResponseFormat) -> Result<Constraint, EngineError> {
+        let refuse = |field, with| EngineError::InvalidRequest {
+            field,
+            reason: format!("cannot be combined with {with} (constrained output ends at the grammar's end)"),
+        };
+        if request.speculative.is_some() {
+            return Err(refuse("speculative", "response_format"));
+        }
+        if request.ignore_eos {
+            return Err(refuse("ignore_eos", "response_format"));
+        }
+        let grammars = self.grammars.get_or_init(|| Grammars::new(&self.tokenizer));
+        grammars.as_ref().map_err(Clone::clone)?.compile(format)
+    }
+
     /// Submits `request` with its events going to `sink`.
     pub fn submit_with(&self, request: Request, sink: Sink) -> Result<CancelHandle, EngineError> {
         request.sampling.validate()?;
@@ -476,6 +505,10 @@ impl Engine {
                 });
             }
         }
+        let constraint = match &request.response_format {
+            Some(format) => Some(self.constrain(&request, format)?),
+            None => None,
+        };
         let vocab = self.tokenizer.vocab_size();
         if let Some(bad) = request.stop_token_ids.iter().find(|&&i| i as usize >= vocab) {
             return Err(EngineError::InvalidRequest {
@@ -500,7 +533,8 @@ impl Engine {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| (w < capacity).then_some(w + 1))
             .map_err(|waiting| EngineError::Overloaded { waiting, capacity })?;
         let cancel = Arc::new(AtomicBool::new(false));
-        let admitted = Admitted { prompt, request, sink, cancel: cancel.clone(), submitted: Instant::now() };
+        let admitted =
+            Admitted { prompt, request, sink, cancel: cancel.clone(), submitted: Instant::now(), constraint };
         let sent = self.commands.as_ref().map(|c| c.send(admitted).is_ok()).unwrap_or(false);
         if !sent {
             self.waiting.fetch_sub(1, Ordering::AcqRel);
@@ -543,9 +577,24 @@ struct Sequence {
     spec: Option<SpecState>,
     /// Prompt and generated tokens (speculative requests only: what drafters read).
     history: Vec<u32>,
+    /// The grammar its output follows (constrained requests only).
+    constraint: Option<Constraint>,
+    /// Masked logits of a constrained sequence (reused between steps).
+    masked: Vec<f32>,
 }
 
 impl Sequence {
+    /// Chooses the next token from `logits`, masked by the grammar of a constrained sequence.
+    fn choose(&mut self, logits: &[f32]) -> Result<sampling::Choice, EngineError> {
+        let Some(constraint) = &mut self.constraint else {
+            return Ok(self.sampler.choose(logits));
+        };
+        self.masked.clear();
+        self.masked.extend_from_slice(logits);
+        constraint.mask(&mut self.masked)?;
+        Ok(self.sampler.choose(&self.masked))
+    }
+
     /// Ends the sequence without more text.
     fn end(&mut self, reason: FinishReason) {
         let summary = Summary {
@@ -672,6 +721,8 @@ impl<F: Forward> Scheduler<F> {
             stops: StopStrings::new(&a.request.stop_strings),
             spec: a.request.speculative.map(SpecState::new),
             history: if speculative { a.prompt.clone() } else { Vec::new() },
+            constraint: a.constraint,
+            masked: Vec::new(),
             request: a.request,
             sink: a.sink,
             cancel: a.cancel,
@@ -732,8 +783,7 @@ impl<F: Forward> Scheduler<F> {
         self.running_count.store(first + burst, Ordering::Release);
         for ((a, queued), row) in admitted.into_iter().zip(queued).zip(logits.rows()) {
             let mut seq = self.sequence(a, queued);
-            let choice = seq.sampler.choose(row.as_slice().expect("logits rows are contiguous"));
-            self.accept(&mut seq, choice);
+            self.next_token(&mut seq, row.as_slice().expect("logits rows are contiguous"));
             self.running.push(seq);
         }
         self.running_count.store(self.running.len(), Ordering::Release);
@@ -789,9 +839,8 @@ impl<F: Forward> Scheduler<F> {
             let mut seq = self.sequence(a, queued);
             let row = logits.row(0);
             let row = row.as_slice().expect("logits rows are contiguous");
-            let choice = seq.sampler.choose(row);
             self.running_count.store(self.running.len() + 1, Ordering::Release);
-            self.accept(&mut seq, choice);
+            self.next_token(&mut seq, row);
             if slot < self.running.len() {
                 let moved = std::mem::replace(&mut self.running[slot], seq);
                 self.running.push(moved);
@@ -863,8 +912,7 @@ impl<F: Forward> Scheduler<F> {
                 let mut running = std::mem::take(&mut self.running);
                 for (seq, row) in running.iter_mut().zip(logits.rows()) {
                     seq.past += 1;
-                    let choice = seq.sampler.choose(row.as_slice().expect("logits rows are contiguous"));
-                    self.accept(seq, choice);
+                    self.next_token(seq, row.as_slice().expect("logits rows are contiguous"));
                 }
                 self.running = running;
             }
@@ -933,6 +981,14 @@ impl<F: Forward> Scheduler<F> {
         Ok(())
     }
 
+    /// Chooses `seq`'s next token from `logits` and streams it.
+    fn next_token(&self, seq: &mut Sequence, logits: &[f32]) {
+        match seq.choose(logits) {
+            Ok(choice) => self.accept(seq, choice),
+            Err(e) => self.fail(seq, e),
+        }
+    }
+
     /// Streams `choice` for `seq` and decides whether it ends.
     fn accept(&self, seq: &mut Sequence, choice: sampling::Choice) {
         let id = choice.id;
@@ -952,6 +1008,9 @@ impl<F: Forward> Scheduler<F> {
         seq.generated += 1;
         if seq.spec.is_some() {
             seq.history.push(id);
+        }
+        if let Some(Err(e)) = seq.constraint.as_mut().map(|c| c.consume(id)) {
+            return self.fail(seq, e);
         }
         if !(seq.sink)(Event::Token(choice)) {
             seq.done = true;
@@ -977,7 +1036,10 @@ impl<F: Forward> Scheduler<F> {
             }
         }
         seq.next = id;
-        if seq.generated >= seq.request.max_new_tokens {
+        if seq.constraint.as_ref().is_some_and(Constraint::is_complete) {
+            // Nothing but EOS may follow: it is not generated.
+            self.finish(seq, FinishReason::Eos);
+        } else if seq.generated >= seq.request.max_new_tokens {
             self.finish(seq, FinishReason::Length);
         } else if seq.past >= self.model.max_context() {
             self.finish(seq, FinishReason::ContextFull);

@@ -1,5 +1,5 @@
-//! Prometheus metrics of the gRPC service, in the text exposition format, served over plain
-//! HTTP on `GET /metrics`.
+//! Prometheus metrics of the gRPC and HTTP services, in the text exposition format, served over
+//! plain HTTP on `GET /metrics`. Request counters carry a `protocol` label (`grpc`, `http`).
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,6 +17,27 @@ const BUCKETS: [f64; 16] =
 
 /// Finish reasons, in the order of [`Metrics::finished`].
 const REASONS: [&str; 6] = ["length", "eos", "stop", "context_full", "cancelled", "error"];
+
+/// The door a request came in by: the `protocol` label of the request counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// The `kiln.v1.Generator` gRPC service.
+    Grpc,
+    /// The OpenAI-compatible HTTP API.
+    Http,
+}
+
+impl Protocol {
+    const ALL: [Protocol; 2] = [Protocol::Grpc, Protocol::Http];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Protocol::Grpc => "grpc",
+            Protocol::Http => "http",
+        }
+    }
+}
 
 /// A latency histogram with fixed buckets; lock-free.
 #[derive(Default)]
@@ -57,8 +78,8 @@ pub struct Metrics {
     duration: Histogram,
     prompt_tokens: AtomicU64,
     generated_tokens: AtomicU64,
-    finished: [AtomicU64; REASONS.len()],
-    rejected: AtomicU64,
+    finished: [[AtomicU64; REASONS.len()]; Protocol::ALL.len()],
+    rejected: [AtomicU64; Protocol::ALL.len()],
     spec_steps: AtomicU64,
     spec_drafted: AtomicU64,
     spec_accepted: AtomicU64,
@@ -94,8 +115,8 @@ impl Metrics {
         }
     }
 
-    /// Counts a request by how it ended.
-    pub fn outcome(&self, outcome: Outcome) {
+    /// Counts a request of `protocol` by how it ended.
+    pub fn outcome(&self, protocol: Protocol, outcome: Outcome) {
         let label = match outcome {
             Outcome::Finished(FinishReason::Length) => "length",
             Outcome::Finished(FinishReason::Eos) => "eos",
@@ -105,12 +126,13 @@ impl Metrics {
             Outcome::Error => "error",
         };
         let i = REASONS.iter().position(|&r| r == label).expect("every label is listed");
-        self.finished[i].fetch_add(1, Ordering::Relaxed);
+        self.finished[protocol as usize][i].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Counts a request refused before it ran (bad input, full queue, unavailable).
-    pub fn rejected(&self) {
-        self.rejected.fetch_add(1, Ordering::Relaxed);
+    /// Counts a request of `protocol` refused before it ran (bad input, full queue,
+    /// unavailable).
+    pub fn rejected(&self, protocol: Protocol) {
+        self.rejected[protocol as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     /// The exposition text, with gauges from `load` and `slots`.
@@ -139,12 +161,14 @@ impl Metrics {
             "Tokens generated.",
             self.generated_tokens.load(Ordering::Relaxed),
         );
-        counter(
-            &mut out,
-            "kiln_requests_rejected_total",
-            "Requests refused before running (invalid, queue full, unavailable).",
-            self.rejected.load(Ordering::Relaxed),
+        let name = "kiln_requests_rejected_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Requests refused before running (invalid, queue full, unavailable).\n# TYPE {name} counter"
         );
+        for (p, c) in Protocol::ALL.iter().zip(&self.rejected) {
+            let _ = writeln!(out, "{name}{{protocol=\"{}\"}} {}", p.label(), c.load(Ordering::Relaxed));
+        }
         counter(
             &mut out,
             "kiln_speculative_steps_total",
@@ -165,8 +189,11 @@ impl Metrics {
         );
         let name = "kiln_requests_total";
         let _ = writeln!(out, "# HELP {name} Generation requests by how they ended.\n# TYPE {name} counter");
-        for (reason, c) in REASONS.iter().zip(&self.finished) {
-            let _ = writeln!(out, "{name}{{finish_reason=\"{reason}\"}} {}", c.load(Ordering::Relaxed));
+        for (p, counts) in Protocol::ALL.iter().zip(&self.finished) {
+            for (reason, c) in REASONS.iter().zip(counts) {
+                let (p, v) = (p.label(), c.load(Ordering::Relaxed));
+                let _ = writeln!(out, "{name}{{protocol=\"{p}\",finish_reason=\"{reason}\"}} {v}");
+            }
         }
         let gauge = |out: &mut String, name: &str, help: &str, v: usize| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
@@ -258,13 +285,18 @@ mod tests {
     #[test]
     fn requests_are_counted_by_finish_reason() {
         let m = Metrics::default();
-        m.outcome(Outcome::Finished(&FinishReason::StopString("x".into())));
-        m.outcome(Outcome::Finished(&FinishReason::StopToken(3)));
-        m.outcome(Outcome::Cancelled);
+        m.outcome(Protocol::Grpc, Outcome::Finished(&FinishReason::StopString("x".into())));
+        m.outcome(Protocol::Grpc, Outcome::Finished(&FinishReason::StopToken(3)));
+        m.outcome(Protocol::Http, Outcome::Finished(&FinishReason::StopToken(3)));
+        m.outcome(Protocol::Http, Outcome::Cancelled);
+        m.rejected(Protocol::Http);
         let out = m.render(Load { running: 2, waiting: 1 }, 4);
-        assert!(out.contains("kiln_requests_total{finish_reason=\"stop\"} 2\n"), "{out}");
-        assert!(out.contains("kiln_requests_total{finish_reason=\"cancelled\"} 1\n"), "{out}");
-        assert!(out.contains("kiln_requests_total{finish_reason=\"eos\"} 0\n"), "{out}");
+        assert!(out.contains("kiln_requests_total{protocol=\"grpc\",finish_reason=\"stop\"} 2\n"), "{out}");
+        assert!(out.contains("kiln_requests_total{protocol=\"http\",finish_reason=\"stop\"} 1\n"), "{out}");
+        assert!(out.contains("kiln_requests_total{protocol=\"http\",finish_reason=\"cancelled\"} 1\n"), "{out}");
+        assert!(out.contains("kiln_requests_total{protocol=\"grpc\",finish_reason=\"cancelled\"} 0\n"), "{out}");
+        assert!(out.contains("kiln_requests_rejected_total{protocol=\"http\"} 1\n"), "{out}");
+        assert!(out.contains("kiln_requests_rejected_total{protocol=\"grpc\"} 0\n"), "{out}");
         assert!(out.contains("kiln_kv_slots_in_use 2\n") && out.contains("kiln_queued_requests 1\n"), "{out}");
     }
 }

@@ -1,11 +1,13 @@
 //! `kiln serve`: the gRPC streaming-generation service (`proto/kiln/v1/kiln.proto`) over one
-//! artifact, with the standard health service, server reflection, Prometheus metrics and a
-//! graceful drain on SIGTERM/SIGINT.
+//! artifact, with the standard health service, server reflection, Prometheus metrics, an
+//! optional OpenAI-compatible HTTP API on the same engine ([`http`]) and a graceful drain on
+//! SIGTERM/SIGINT.
 //!
-//! The port is bound before the model loads: until it has, health answers NOT_SERVING and
-//! generation UNAVAILABLE.
+//! The ports are bound before the model loads: until it has, health answers NOT_SERVING and
+//! generation UNAVAILABLE (HTTP 503).
 
 pub mod bench;
+pub mod http;
 pub mod metrics;
 pub mod service;
 
@@ -45,6 +47,8 @@ pub struct ServeOptions {
     pub addr: SocketAddr,
     /// Prometheus `/metrics` address, if any.
     pub metrics_addr: Option<SocketAddr>,
+    /// OpenAI-compatible HTTP API address, if any.
+    pub http_addr: Option<SocketAddr>,
     /// ONNX Runtime session settings.
     pub session: SessionOptions,
     /// Sequences that run at once (KV cache slots).
@@ -113,6 +117,20 @@ async fn serve(
         let l = TcpListener::bind(m).await.with_context(|| format!("binding --metrics-addr {m}"))?;
         println!("kiln serve: metrics on http://{}/metrics", l.local_addr()?);
         tokio::spawn(metrics::serve(l, shared.metrics.clone(), shared.engine.clone()));
+    }
+    if let Some(h) = opts.http_addr {
+        let l = TcpListener::bind(h).await.with_context(|| format!("binding --http-addr {h}"))?;
+        println!("kiln serve: http on http://{}", l.local_addr()?);
+        let state = Arc::new(http::HttpState {
+            shared: shared.clone(),
+            created: artifact_created(&opts.artifact),
+            max_body_bytes: opts.max_message_bytes,
+        });
+        tokio::spawn(async move {
+            if let Err(e) = http::serve(l, state).await {
+                tracing::error!(error = %e, "the HTTP API stopped");
+            }
+        });
     }
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_not_serving::<proto::generator_server::GeneratorServer<Service>>().await;
@@ -187,6 +205,15 @@ async fn serve(
     server.await?;
     tracing::info!("drained, exiting");
     Ok(())
+}
+
+/// When the artifact was written (its manifest's mtime, Unix seconds; 0 if unknown).
+fn artifact_created(artifact: &std::path::Path) -> u64 {
+    std::fs::metadata(artifact.join(crate::onnx::manifest::MANIFEST_FILE))
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Resolves on SIGTERM or SIGINT.

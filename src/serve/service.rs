@@ -1,5 +1,6 @@
 //! The `kiln.v1.Generator` service: requests checked and mapped onto the [`Engine`], its
-//! events streamed back, its errors mapped to gRPC status codes.
+//! events streamed back, its errors mapped to gRPC status codes. The HTTP API
+//! ([`super::http`]) starts its requests through [`start`] too.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -13,9 +14,10 @@ use tokio_stream::Stream;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
-use super::metrics::{Metrics, Outcome};
+use super::metrics::{Metrics, Outcome, Protocol};
 use super::proto;
 use crate::engine::chat::Message;
+use crate::engine::grammar::ResponseFormat;
 use crate::engine::sampling::{Choice, SamplingParams};
 use crate::engine::speculative::{DraftMethod, Speculation, MAX_DRAFT_TOKENS};
 use crate::engine::{self, CancelHandle, Engine, EngineError, Event, FinishReason, Prompt, Summary};
@@ -61,7 +63,7 @@ impl Shared {
     }
 
     /// The engine, or UNAVAILABLE while loading or draining.
-    fn ready(&self) -> Result<&Arc<Engine>, Status> {
+    pub fn ready(&self) -> Result<&Arc<Engine>, Status> {
         if self.draining.load(Ordering::Acquire) {
             return Err(Status::unavailable("the server is draining before it exits"));
         }
@@ -77,44 +79,8 @@ impl proto::generator_server::Generator for Service {
     type GenerateStream = GenerateStream;
 
     async fn generate(&self, request: Request<proto::GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
-        let shared = &self.0;
         let deadline = grpc_timeout(request.metadata());
-        let started = (|| {
-            let engine = shared.ready()?;
-            let (mut r, input) = engine_request(request.into_inner(), shared.limits, engine.has_draft())?;
-            // Echo needs the ids before submission: tokenize once and submit the ids.
-            let echo = if r.echo {
-                let ids = engine.prompt_ids(&r.request.prompt).map_err(|e| status(&e, input))?;
-                r.request.prompt = Prompt::Tokens(ids.clone());
-                ids
-            } else {
-                vec![]
-            };
-            let (tx, rx) = mpsc::unbounded_channel();
-            // The engine checks sampling parameters, stop ids and the prompt; `status` names
-            // the request's field.
-            let cancel =
-                engine.submit_with(r.request, Box::new(move |e| tx.send(e).is_ok())).map_err(|e| status(&e, input))?;
-            Ok::<_, Status>((rx, cancel, echo))
-        })();
-        let (rx, cancel, echo) = started.inspect_err(|s| {
-            shared.metrics.rejected();
-            tracing::info!(code = ?s.code(), message = s.message(), "request refused");
-        })?;
-        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-        shared.open_streams.fetch_add(1, Ordering::AcqRel);
-        tracing::debug!(id, "request started");
-        Ok(Response::new(GenerateStream {
-            id,
-            rx,
-            cancel,
-            deadline: deadline.map(|d| Box::pin(tokio::time::sleep(d))),
-            shared: shared.clone(),
-            echo,
-            last_token: None,
-            error: None,
-            done: false,
-        }))
+        start(&self.0, request.into_inner(), deadline, Protocol::Grpc).map(Response::new)
     }
 
     async fn tokenize(
@@ -160,6 +126,54 @@ impl proto::generator_server::Generator for Service {
         }
         Ok(Response::new(info))
     }
+}
+
+/// Checks `request` and starts it on the engine: its responses as a stream, or the status it
+/// is refused with (counted as rejected under `protocol`). Both transports start requests
+/// here, so they validate alike and count alike.
+pub fn start(
+    shared: &Arc<Shared>,
+    request: proto::GenerateRequest,
+    deadline: Option<Duration>,
+    protocol: Protocol,
+) -> Result<GenerateStream, Status> {
+    let started = (|| {
+        let engine = shared.ready()?;
+        let (mut r, input) = engine_request(request, shared.limits, engine.has_draft())?;
+        // Echo needs the ids before submission: tokenize once and submit the ids.
+        let echo = if r.echo {
+            let ids = engine.prompt_ids(&r.request.prompt).map_err(|e| status(&e, input))?;
+            r.request.prompt = Prompt::Tokens(ids.clone());
+            ids
+        } else {
+            vec![]
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        // The engine checks sampling parameters, stop ids and the prompt; `status` names
+        // the request's field.
+        let cancel =
+            engine.submit_with(r.request, Box::new(move |e| tx.send(e).is_ok())).map_err(|e| status(&e, input))?;
+        Ok::<_, Status>((rx, cancel, echo))
+    })();
+    let (rx, cancel, echo) = started.inspect_err(|s| {
+        shared.metrics.rejected(protocol);
+        tracing::info!(code = ?s.code(), message = s.message(), protocol = protocol.label(), "request refused");
+    })?;
+    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    shared.open_streams.fetch_add(1, Ordering::AcqRel);
+    tracing::debug!(id, protocol = protocol.label(), "request started");
+    Ok(GenerateStream {
+        id,
+        protocol,
+        rx,
+        cancel,
+        deadline: deadline.map(|d| Box::pin(tokio::time::sleep(d))),
+        shared: shared.clone(),
+        echo,
+        last_token: None,
+        error: None,
+        done: false,
+    })
 }
 
 /// A request as the engine takes it, with the service-level options.
@@ -245,6 +259,15 @@ fn engine_request(
         }
         None => None,
     };
+    let response_format = match r.response_format {
+        Some(f) if !f.json_schema.is_empty() => {
+            let schema = serde_json::from_str(&f.json_schema)
+                .map_err(|e| bad("response_format.json_schema", format!("not JSON: {e}")))?;
+            Some(ResponseFormat::JsonSchema(schema))
+        }
+        Some(f) if f.json_object => Some(ResponseFormat::JsonObject),
+        _ => None,
+    };
     let request = engine::Request {
         prompt,
         sampling,
@@ -254,6 +277,7 @@ fn engine_request(
         ignore_eos: r.ignore_eos,
         truncate_prompt: r.truncate_prompt,
         speculative,
+        response_format,
     };
     Ok((Mapped { request, echo: r.echo }, input))
 }
@@ -277,7 +301,9 @@ fn status(e: &EngineError, input: &str) -> Status {
         EngineError::ChatTemplate(_) => Status::invalid_argument(format!("messages: {e}")),
         EngineError::Overloaded { .. } => Status::resource_exhausted(e.to_string()),
         EngineError::ShutDown => Status::unavailable(e.to_string()),
-        EngineError::Tokenizer(_) | EngineError::Model(_) => Status::internal(e.to_string()),
+        EngineError::Tokenizer(_) | EngineError::Model(_) | EngineError::Constraint(_) => {
+            Status::internal(e.to_string())
+        }
     }
 }
 
@@ -301,6 +327,7 @@ fn grpc_timeout(metadata: &MetadataMap) -> Option<Duration> {
 /// cancels the request, which leaves the batch at the next step.
 pub struct GenerateStream {
     id: u64,
+    protocol: Protocol,
     rx: mpsc::UnboundedReceiver<Event>,
     cancel: CancelHandle,
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -316,7 +343,7 @@ pub struct GenerateStream {
 impl GenerateStream {
     fn end(&mut self, outcome: Outcome) {
         self.done = true;
-        self.shared.metrics.outcome(outcome);
+        self.shared.metrics.outcome(self.protocol, outcome);
     }
 }
 
@@ -396,7 +423,7 @@ impl Stream for GenerateStream {
 impl Drop for GenerateStream {
     fn drop(&mut self) {
         if !self.done {
-            self.shared.metrics.outcome(Outcome::Cancelled);
+            self.shared.metrics.outcome(self.protocol, Outcome::Cancelled);
             self.cancel.cancel();
             tracing::info!(id = self.id, "request cancelled by the client");
         }
