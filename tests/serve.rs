@@ -19,6 +19,8 @@ struct Server {
     child: Child,
     addr: String,
     metrics: String,
+    /// The HTTP API's base URL (empty without `--http-addr`).
+    http: String,
 }
 
 impl Server {
@@ -35,13 +37,15 @@ impl Server {
             .spawn()
             .expect("kiln serve starts");
         let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-        let (mut addr, mut metrics) = (String::new(), String::new());
+        let (mut addr, mut metrics, mut http) = (String::new(), String::new(), String::new());
         for line in lines.by_ref() {
             let line = line.expect("stdout line");
             if let Some(a) = line.strip_prefix("kiln serve: listening on ") {
                 addr = a.to_string();
             } else if let Some(m) = line.strip_prefix("kiln serve: metrics on ") {
                 metrics = m.to_string();
+            } else if let Some(h) = line.strip_prefix("kiln serve: http on ") {
+                http = h.to_string();
             } else if line == "kiln serve: serving" {
                 break;
             }
@@ -49,7 +53,7 @@ impl Server {
         assert!(!addr.is_empty() && !metrics.is_empty(), "kiln serve printed its addresses");
         // Keep draining stdout so the server never blocks on it.
         std::thread::spawn(move || lines.for_each(drop));
-        Server { child, addr, metrics }
+        Server { child, addr, metrics, http }
     }
 
     async fn client(&self) -> GeneratorClient<Channel> {
@@ -123,33 +127,21 @@ async fn wait_idle(client: &mut GeneratorClient<Channel>) -> proto::ModelInfoRes
 const PROMPTS: [&str; 4] =
     ["Once upon a time", "The capital of France is", "def fibonacci(n):", "Water boils at a temperature of"];
 
-#[test]
-fn python_client_streams_cancels_and_sees_errors() {
-    // Exact f32 products (accuracy level 1), so speculative output must equal plain output.
-    let server = Server::start(&["--accuracy-level", "1"]);
-    // Long enough to stream in many pieces and to give prompt lookup repeats to draft from.
-    let (prompt, max_tokens) = (PROMPTS[0], 200);
-    let out = common::kiln(&[
-        "generate",
-        common::artifact("int4").to_str().expect("utf-8"),
-        "--prompt",
-        prompt,
-        "-n",
-        &max_tokens.to_string(),
-        "--threads",
-        "2",
-        "--accuracy-level",
-        "1",
-        "--json",
-    ]);
+/// `kiln generate --json` on the int4 artifact, greedy at accuracy level 1.
+fn generate(prompt: &str, max_tokens: u32, extra: &[&str]) -> serde_json::Value {
+    let artifact = common::artifact("int4");
+    let n = max_tokens.to_string();
+    let mut args = vec!["generate", artifact.to_str().expect("utf-8"), "--prompt", prompt, "-n", &n];
+    args.extend(["--threads", "2", "--accuracy-level", "1", "--json"]);
+    args.extend(extra);
+    let out = common::kiln(&args);
     assert!(out.status.success(), "kiln generate: {}", String::from_utf8_lossy(&out.stderr));
-    let cli: serde_json::Value = serde_json::from_slice(&out.stdout).expect("generate --json");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let expected = dir.path().join("expected.json");
-    let doc = serde_json::json!({"prompt": prompt, "max_tokens": max_tokens, "text": cli["text"]});
-    std::fs::write(&expected, doc.to_string()).expect("write");
-    // Stubs from our proto, as clients/python/README.md shows.
-    let stubs = dir.path().join("stubs");
+    serde_json::from_slice(&out.stdout).expect("generate --json")
+}
+
+/// Python stubs generated from our proto into `dir/stubs`, as clients/python/README.md shows.
+fn python_stubs(dir: &std::path::Path) -> std::path::PathBuf {
+    let stubs = dir.join("stubs");
     std::fs::create_dir(&stubs).expect("mkdir");
     let proto_dir = common::repo().join("proto");
     let gen = Command::new(common::python())
@@ -161,11 +153,15 @@ fn python_client_streams_cancels_and_sees_errors() {
         .output()
         .expect("grpc_tools runs");
     assert!(gen.status.success(), "grpc_tools.protoc: {}", String::from_utf8_lossy(&gen.stderr));
+    stubs
+}
+
+/// Runs `clients/python/SCRIPT ARGS` with the stubs on its path; asserts it passed.
+fn run_python(script: &str, args: &[&str], stubs: &std::path::Path) {
     let clients = common::repo().join("clients/python");
     let out = Command::new(common::python())
-        .arg(clients.join("test_service.py"))
-        .args([&server.addr, &server.metrics])
-        .arg(&expected)
+        .arg(clients.join(script))
+        .args(args)
         .env("PYTHONPATH", format!("{}:{}", stubs.display(), clients.display()))
         .output()
         .expect("python runs");
@@ -173,6 +169,52 @@ fn python_client_streams_cancels_and_sees_errors() {
     println!("{stdout}");
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("all checks passed"), "{stdout}");
+}
+
+#[test]
+fn python_client_streams_cancels_and_sees_errors() {
+    // Exact f32 products (accuracy level 1), so speculative output must equal plain output.
+    let server = Server::start(&["--accuracy-level", "1"]);
+    // Long enough to stream in many pieces and to give prompt lookup repeats to draft from.
+    let (prompt, max_tokens) = (PROMPTS[0], 200);
+    let cli = generate(prompt, max_tokens, &[]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let expected = dir.path().join("expected.json");
+    let doc = serde_json::json!({"prompt": prompt, "max_tokens": max_tokens, "text": cli["text"]});
+    std::fs::write(&expected, doc.to_string()).expect("write");
+    let stubs = python_stubs(dir.path());
+    let expected = expected.to_str().expect("utf-8");
+    run_python("test_service.py", &[&server.addr, &server.metrics, expected], &stubs);
+}
+
+#[test]
+fn openai_sdk_and_raw_http_against_the_http_api() {
+    // Exact f32 products (accuracy level 1): batched rows equal the same request alone.
+    let server = Server::start(&["--accuracy-level", "1", "--http-addr", "127.0.0.1:0"]);
+    let reference: serde_json::Value =
+        serde_json::from_str(include_str!("data/smollm2-135m.reference.json")).expect("reference JSON");
+    let mut prompts = Vec::new();
+    for case in reference["prompts"].as_array().expect("prompts") {
+        let prompt = case["prompt"].as_str().expect("prompt");
+        let cli = generate(prompt, 48, &[]);
+        prompts.push(serde_json::json!({
+            "prompt": prompt, "ids": case["ids"], "max_tokens": 48,
+            "text": cli["text"], "token_ids": cli["token_ids"],
+        }));
+    }
+    let content = "What is 2+2?";
+    let chat = generate(content, 24, &["--chat"]);
+    let doc = serde_json::json!({
+        "model": "int4",
+        "prompts": prompts,
+        "chat": {"content": content, "max_tokens": 24, "text": chat["text"], "token_ids": chat["token_ids"]},
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let expected = dir.path().join("expected.json");
+    std::fs::write(&expected, doc.to_string()).expect("write");
+    let stubs = python_stubs(dir.path());
+    let expected = expected.to_str().expect("utf-8");
+    run_python("test_openai.py", &[&server.http, &server.addr, &server.metrics, expected], &stubs);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -25,10 +25,11 @@ class Client:
 
     def generate(self, text="", token_ids=(), messages=(), max_tokens=None, timeout=None,
                  stop=(), ignore_eos=False, logprobs=False, top_logprobs=0, echo=False, speculative=None,
-                 **sampling):
+                 response_format=None, **sampling):
         """Starts a generation; returns the call: iterate it for GenerateResponse messages,
         call .cancel() to stop it. `sampling` takes SamplingParameters' fields; `speculative`
-        SpeculativeParameters' (e.g. {"enabled": True, "drafter": "prompt_lookup"})."""
+        SpeculativeParameters' (e.g. {"enabled": True, "drafter": "prompt_lookup"});
+        `response_format` a kiln_pb2.ResponseFormat (constrained JSON output)."""
         request = kiln_pb2.GenerateRequest(
             text=text,
             token_ids=list(token_ids),
@@ -42,6 +43,8 @@ class Client:
         )
         if speculative is not None:
             request.speculative.CopyFrom(kiln_pb2.SpeculativeParameters(**speculative))
+        if response_format is not None:
+            request.response_format.CopyFrom(response_format)
         if max_tokens is not None:
             request.max_tokens = max_tokens
         return self.stub.Generate(request, timeout=timeout)

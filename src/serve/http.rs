@@ -142,7 +142,8 @@ impl FieldNames {
             "text" | "token_ids" | "messages" => self.input.to_string(),
             "max_tokens" => self.max_tokens.to_string(),
             "top_logprobs" => self.top_logprobs.to_string(),
-            "stop_token_ids" => "stop_token_ids".to_string(),
+            f if f.starts_with("speculative.") => "speculative".to_string(),
+            f if f.starts_with("response_format.") => "response_format".to_string(),
             f => f.strip_prefix("sampling.").unwrap_or(f).to_string(),
         }
     }
@@ -369,7 +370,8 @@ fn map_body(body: &Fields, endpoint: Endpoint, model_name: &str) -> Result<Mappe
     }
     r.ignore_eos = body.bool("ignore_eos")?.unwrap_or(false);
     r.sampling = Some(proto::SamplingParameters {
-        temperature: body.f32("temperature")?,
+        // OpenAI samples at temperature 1 unless told otherwise (the proto defaults to greedy).
+        temperature: Some(body.f32("temperature")?.unwrap_or(1.0)),
         top_k: body.count("top_k")?.unwrap_or(0),
         top_p: body.f32("top_p")?,
         min_p: body.f32("min_p")?,
