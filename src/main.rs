@@ -164,6 +164,14 @@ enum Command {
         /// per-stream and aggregate decode speed of concurrent streams.
         #[arg(long, value_name = "ADDR")]
         grpc: Option<String>,
+        /// With --grpc: measure the same server's OpenAI-compatible HTTP API at this base URL
+        /// too (e.g. http://127.0.0.1:8080), alternating with gRPC.
+        #[arg(long, value_name = "URL", requires = "grpc")]
+        http: Option<String>,
+        /// Measure constrained decoding of the one artifact given: a decode step constrained
+        /// by a JSON schema against the same step unconstrained.
+        #[arg(long, conflicts_with = "speculative")]
+        constrained: bool,
         /// Measure speculative decoding of the one artifact given (the target): each drafter
         /// (every --draft, and prompt lookup) at each --k, against plain decoding.
         #[arg(long)]
@@ -545,12 +553,24 @@ fn main() -> Result<()> {
             let path = model.unwrap_or_else(default_model_path);
             generate(&path, draft.as_deref(), request, session.options(), json)
         }
-        Command::Bench { grpc: Some(addr), tokens, streams, json, .. } => {
-            let (ttft, rows) = kiln::serve::bench::bench_grpc(&addr, tokens, &streams).map_err(anyhow::Error::msg)?;
+        Command::Bench { grpc: Some(addr), http, tokens, streams, json, .. } => {
+            let (ttfts, rows) = kiln::serve::bench::bench_client(&addr, http.as_deref(), tokens, &streams)
+                .map_err(anyhow::Error::msg)?;
             if json {
-                println!("{}", serde_json::json!({ "ttft_s": ttft, "streams": rows }));
+                println!("{}", serde_json::json!({ "ttft": ttfts, "streams": rows }));
             } else {
-                print!("{}", kiln::serve::bench::render(ttft, &rows));
+                print!("{}", kiln::serve::bench::render(&ttfts, &rows));
+            }
+            Ok(())
+        }
+        Command::Bench { grpc: None, constrained: true, artifacts, tokens, threads, repeat, json, .. } => {
+            let [artifact] = artifacts.as_slice() else { bail!("--constrained takes one artifact") };
+            let report = kiln::bench::constrained::bench_constrained(artifact, tokens, threads, repeat as usize)
+                .map_err(anyhow::Error::msg)?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", kiln::bench::constrained::render(&report));
             }
             Ok(())
         }

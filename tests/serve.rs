@@ -416,7 +416,8 @@ async fn malformed_requests_get_their_status_codes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deadlines_queue_limits_and_the_drain_on_sigterm() {
-    let mut server = Server::start(&["--max-sequences", "1", "--queue", "1", "--grace", "60"]);
+    let mut server =
+        Server::start(&["--max-sequences", "1", "--queue", "1", "--grace", "60", "--http-addr", "127.0.0.1:0"]);
     let mut client = server.client().await;
     // A deadline stops generation on the server too.
     let mut r = tonic::Request::new(GenerateRequest { ignore_eos: true, ..text("Once upon a time", 2000) });
@@ -449,6 +450,10 @@ async fn deadlines_queue_limits_and_the_drain_on_sigterm() {
     }
     let third = complete(&mut client, long()).await.expect_err("queue full");
     assert_eq!(third.code(), Code::ResourceExhausted, "{}", third.message());
+    // The HTTP API shares the queue: 429 with OpenAI's error object.
+    let body = r#"{"prompt": "Once upon a time", "max_tokens": 5}"#;
+    let (code, err) = http_post(&server.http, "/v1/completions", body).await;
+    assert_eq!((code, err["error"]["code"].as_str()), (429, Some("queue_full")), "{err}");
 
     // SIGTERM: new requests are refused, the open streams finish, the process exits 0.
     // SAFETY: kill(2) on our own child's pid.
@@ -463,6 +468,8 @@ async fn deadlines_queue_limits_and_the_drain_on_sigterm() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     assert_eq!(refused.code(), Code::Unavailable, "{}", refused.message());
+    let (code, err) = http_post(&server.http, "/v1/completions", body).await;
+    assert_eq!((code, err["error"]["type"].as_str()), (503, Some("service_unavailable")), "{err}");
     let mut n = 0;
     let finished = loop {
         let msg = first.message().await.expect("first stream").expect("a message");
@@ -489,6 +496,23 @@ async fn http_get(url: &str) -> String {
     s.read_to_string(&mut out).await.expect("read");
     assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
     out
+}
+
+/// POSTs JSON `body` to the HTTP API; the status and the JSON answer.
+async fn http_post(base: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let host = base.strip_prefix("http://").expect("http url");
+    let mut s = tokio::net::TcpStream::connect(host).await.expect("connect");
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(format!("{head}{body}").as_bytes()).await.expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    let code = out.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("status line: {out}"));
+    let (_, json) = out.split_once("\r\n\r\n").expect("head and body");
+    (code, serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {json}")))
 }
 
 fn metric(text: &str, name: &str) -> f64 {

@@ -3,6 +3,7 @@
 //! decode speed at short and at long context, and aggregate decode throughput of concurrent
 //! streams through the engine.
 
+pub mod constrained;
 pub mod speculative;
 
 use std::path::Path;

@@ -833,3 +833,67 @@ fn stream_reply(
     });
     Sse::new(tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok)).keep_alive(KeepAlive::default())
 }
+
+#[cfg(test)]
+mod tests {
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::serve::metrics::Metrics;
+    use crate::serve::service::Limits;
+
+    /// The API of a server whose model has not loaded yet.
+    fn loading() -> Router {
+        let info = proto::ModelInfoResponse { name: "int4".into(), ..Default::default() };
+        let limits = Limits { max_tokens: 64, default_max_tokens: 16 };
+        let shared = Arc::new(Shared::new(Arc::new(Metrics::default()), limits, info));
+        router(Arc::new(HttpState { shared, created: 7, max_body_bytes: 1024 }))
+    }
+
+    async fn call(method: &str, path: &str, body: &str) -> (StatusCode, Value) {
+        let request = Request::builder().method(method).uri(path).body(Body::from(body.to_string())).expect("request");
+        let response = loading().oneshot(request).await.expect("infallible");
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX).await.expect("body");
+        (status, serde_json::from_slice(&bytes).expect("JSON"))
+    }
+
+    #[tokio::test]
+    async fn while_loading_models_answer_and_generation_is_503() {
+        let (status, v) = call("GET", "/v1/models", "").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(v["data"][0], json!({"id": "int4", "object": "model", "created": 7, "owned_by": "kiln"}));
+        let (status, v) =
+            call("POST", "/v1/chat/completions", r#"{"messages": [{"role": "user", "content": "hi"}]}"#).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+        assert_eq!(v["error"]["type"], "service_unavailable");
+    }
+
+    #[tokio::test]
+    async fn fields_are_checked_before_the_engine_is_asked() {
+        for (body, param) in [
+            (r#"{"prompt": "a", "max_tokens": "ten"}"#, "max_tokens"),
+            (r#"{"prompt": "a", "max_tokens": 1.5}"#, "max_tokens"),
+            (r#"{"prompt": "a", "seed": "x"}"#, "seed"),
+            (r#"{"prompt": {"a": 1}}"#, "prompt"),
+            (r#"{"prompt": ["a", "b"]}"#, "prompt"),
+            (r#"{"prompt": "a", "echo": 1}"#, "echo"),
+            (r#"{"prompt": "a", "echo": true, "logprobs": 1}"#, "echo"),
+            (r#"{"prompt": "a", "messages": []}"#, "messages"),
+            (r#"{"prompt": "a", "stream": "yes"}"#, "stream"),
+            (r#"{"prompt": "a", "model": 3}"#, "model"),
+            (r#"{"prompt": "a", "response_format": {"type": "json_schema"}}"#, "response_format"),
+        ] {
+            let (status, v) = call("POST", "/v1/completions", body).await;
+            assert_eq!((status, v["error"]["param"].as_str()), (StatusCode::BAD_REQUEST, Some(param)), "{body}: {v}");
+        }
+        let (status, v) =
+            call("POST", "/v1/chat/completions", r#"{"messages": [{"role": "user"}], "functions": [{}]}"#).await;
+        assert_eq!((status, v["error"]["param"].as_str()), (StatusCode::BAD_REQUEST, Some("functions")), "{v}");
+        let (status, v) = call("POST", "/v1/completions", &format!(r#"{{"prompt": "{}"}}"#, "a".repeat(2000))).await;
+        assert_eq!((status, v["error"]["code"].as_str()), (StatusCode::PAYLOAD_TOO_LARGE, Some("request_too_large")));
+        let (status, v) = call("POST", "/v1/completions", r#"{"prompt": "a", "model": "gpt-4"}"#).await;
+        assert_eq!((status, v["error"]["code"].as_str()), (StatusCode::NOT_FOUND, Some("model_not_found")));
+    }
+}
