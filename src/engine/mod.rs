@@ -163,7 +163,7 @@ pub enum FinishReason {
     Length,
     /// The sequence filled its context.
     ContextFull,
-    /// The model produced EOS.
+    /// The model produced EOS, or a constrained output is complete.
     Eos,
     /// A stop token id.
     StopToken(u32),
