@@ -64,8 +64,9 @@ serve: setup build
 bench: export
 	$(KILN) bench export/out/fp32 export/out/int8 export/out/int4 export/out/int4-g64-sym
 
-# Speculative decoding of the FP32 target: every drafter at K = 1, 2, 4, 8, 16, with the
-# speedup the acceptance rate predicts, and a plot (speculative.svg).
+# Speculative decoding of the FP32 target: every drafter at K = 1, 2, 4, 8, 16 on open-ended
+# and on grounded prompts, with the speedup the acceptance rate predicts, and a plot of each
+# (speculative.svg, speculative-grounded.svg).
 bench-speculative: export
 	$(KILN) bench --speculative export/out/fp32 --draft export/out/int8 --draft export/out/int4-gptq \
 		--draft export/out/int4 --draft export/out/draft-l20 --threads 2 --plot speculative.svg

@@ -173,7 +173,8 @@ enum Command {
         #[arg(long, conflicts_with = "speculative")]
         constrained: bool,
         /// Measure speculative decoding of the one artifact given (the target): each drafter
-        /// (every --draft, and prompt lookup) at each --k, against plain decoding.
+        /// (every --draft, and prompt lookup) at each --k, against plain decoding, on open-ended
+        /// and on grounded prompts (quote, summarize, answer from or edit a given text).
         #[arg(long)]
         speculative: bool,
         /// Draft artifacts for --speculative (repeatable).
@@ -182,7 +183,8 @@ enum Command {
         /// Draft lengths for --speculative.
         #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16", requires = "speculative")]
         k: Vec<usize>,
-        /// Where --speculative writes its plot (SVG).
+        /// Where --speculative writes its plot (SVG) of the open-ended prompts; the grounded
+        /// prompts' plot goes beside it, named with `-grounded` added.
         #[arg(long, default_value = "speculative.svg", requires = "speculative")]
         plot: PathBuf,
         /// Tokens generated per measurement.
@@ -581,13 +583,18 @@ fn main() -> Result<()> {
             }
             let opts = kiln::bench::speculative::SpecBenchOptions { drafts: draft, ks: k, tokens, threads };
             let report = kiln::bench::speculative::bench_speculative(target, &opts).map_err(anyhow::Error::msg)?;
-            std::fs::write(&plot, kiln::bench::speculative::plot_svg(&report))
-                .with_context(|| format!("writing {}", plot.display()))?;
+            let mut plots = Vec::new();
+            for w in &report.workloads {
+                let path = kiln::bench::speculative::plot_path(&plot, w.workload);
+                std::fs::write(&path, kiln::bench::speculative::plot_svg(&report.target, w))
+                    .with_context(|| format!("writing {}", path.display()))?;
+                plots.push(path.display().to_string());
+            }
             if json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
                 print!("{}", kiln::bench::speculative::render(&report));
-                println!("\nplot: {}", plot.display());
+                println!("\nplots: {}", plots.join(", "));
             }
             Ok(())
         }

@@ -149,3 +149,29 @@ fn an_int4_target_verifies_with_the_numerics_it_decodes_with() {
     println!("int4, prompt lookup, K = 4: {accepted} of {drafted} drafted tokens accepted");
     assert!(accepted > 0, "no multi-token verification was exercised");
 }
+
+#[test]
+fn the_bench_measures_both_prompt_sets_and_prompt_lookup_accepts_more_of_grounded_drafts() {
+    use kiln::bench::speculative::{bench_speculative, SpecBenchOptions};
+    use kiln::bench::workload::Workload;
+
+    let target = common::artifact("fp32");
+    let opts = SpecBenchOptions { drafts: vec![], ks: vec![4], tokens: 48, threads: 2 };
+    let report = bench_speculative(&target, &opts).expect("bench");
+    let sets: Vec<Workload> = report.workloads.iter().map(|w| w.workload).collect();
+    assert_eq!(sets, Workload::ALL);
+    let acceptance: Vec<f64> = report
+        .workloads
+        .iter()
+        .map(|w| {
+            assert!(w.plain_tokens_per_s > 0.0, "{:?}", w.workload);
+            let [row] = w.rows.as_slice() else { panic!("one row (prompt lookup, K = 4): {:?}", w.rows) };
+            assert_eq!((row.drafter.as_str(), row.k), ("prompt lookup", 4));
+            assert!(row.tokens_per_s > 0.0 && (0.0..=1.0).contains(&row.acceptance), "{row:?}");
+            row.acceptance
+        })
+        .collect();
+    eprintln!("acceptance at K = 4, open-ended / grounded: {acceptance:?}");
+    // The grounded answers repeat their prompts (README: 0.54 against 0.24 at 128 tokens).
+    assert!(acceptance[1] > acceptance[0] + 0.1, "grounded {} vs open-ended {}", acceptance[1], acceptance[0]);
+}

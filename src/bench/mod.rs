@@ -5,6 +5,7 @@
 
 pub mod constrained;
 pub mod speculative;
+pub mod workload;
 
 use std::path::Path;
 use std::time::{Duration, Instant};

@@ -1,6 +1,7 @@
-//! `kiln bench --speculative`: for each drafter and draft length K, the measured acceptance
-//! rate, decode speed and speedup over plain greedy decoding of the same target, beside the
-//! speedup the acceptance rate predicts, and a plot of speedup against K.
+//! `kiln bench --speculative`: for each workload ([`Workload`]: open-ended and grounded
+//! prompts), drafter and draft length K, the measured acceptance rate, decode speed and
+//! speedup over plain greedy decoding of the same target, beside the speedup the acceptance
+//! rate predicts, and a plot of speedup against K.
 //!
 //! Prediction (Leviathan et al. 2023): a step drafts K tokens at cost c each (draft step time
 //! over target step time) and verifies them in one target pass; with acceptance rate α it
@@ -10,18 +11,12 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use super::workload::Workload;
 use crate::engine::speculative::{DraftMethod, Speculation};
 use crate::engine::{artifact_engine, Engine, EngineOptions, Prompt, Request};
+use crate::model::cache_dir;
 use crate::onnx::manifest::Manifest;
 use crate::runtime::SessionOptions;
-
-/// Prompts the measurement decodes from: prose, code, a list and a chat turn.
-const PROMPTS: [&str; 4] = [
-    "Once upon a time",
-    "def fibonacci(n):\n",
-    "The planets of the solar system are Mercury, Venus, Earth,",
-    "<|im_start|>user\nExplain why the sky is blue.<|im_end|>\n<|im_start|>assistant\n",
-];
 
 /// What to measure.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,7 +25,7 @@ pub struct SpecBenchOptions {
     pub drafts: Vec<PathBuf>,
     /// Draft lengths.
     pub ks: Vec<usize>,
-    /// Tokens generated per prompt.
+    /// Tokens generated per prompt (at most: a grounded request ends with its answer).
     pub tokens: usize,
     /// ONNX Runtime intra-op threads (0: one per core).
     pub threads: usize,
@@ -53,11 +48,11 @@ pub struct SpecRow {
     pub predicted: f64,
 }
 
-/// The whole measurement.
+/// One workload's measurement.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct SpecReport {
-    /// The target artifact's name.
-    pub target: String,
+pub struct WorkloadReport {
+    /// The prompt set.
+    pub workload: Workload,
     /// Plain greedy decode tokens per second of the target.
     pub plain_tokens_per_s: f64,
     /// Per drafter: its plain decode tokens per second and cost ratio c (0 for prompt lookup).
@@ -66,27 +61,37 @@ pub struct SpecReport {
     pub rows: Vec<SpecRow>,
 }
 
+/// The whole measurement.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct SpecReport {
+    /// The target artifact's name.
+    pub target: String,
+    /// Per workload, in [`Workload::ALL`]'s order.
+    pub workloads: Vec<WorkloadReport>,
+}
+
 fn engine(target: &Path, draft: Option<&Path>, session: &SessionOptions, context: usize) -> Result<Engine, String> {
     artifact_engine(target, draft, session, 1, context, EngineOptions::default()).map_err(|e| e.to_string())
 }
 
 /// Decodes every prompt; returns generated tokens per second of decoding (first token, i.e.
 /// the prefill, excluded) and accepted / drafted counts.
-fn decode(e: &Engine, tokens: usize, speculative: Option<Speculation>) -> Result<(f64, usize, usize), String> {
+fn decode(
+    e: &Engine,
+    prompts: &[Prompt],
+    ignore_eos: bool,
+    tokens: usize,
+    speculative: Option<Speculation>,
+) -> Result<(f64, usize, usize), String> {
     let (mut generated, mut seconds, mut accepted, mut drafted) = (0, 0.0, 0, 0);
-    for prompt in PROMPTS {
-        let r = Request {
-            prompt: Prompt::Text(prompt.into()),
-            max_new_tokens: tokens,
-            ignore_eos: true,
-            speculative,
-            ..Default::default()
-        };
+    for prompt in prompts {
+        let r =
+            Request { prompt: prompt.clone(), max_new_tokens: tokens, ignore_eos, speculative, ..Default::default() };
         let t = Instant::now();
         let out = e.submit(r).map_err(|e| e.to_string())?.collect().map_err(|e| e.to_string())?;
         let s = out.summary.ok_or("no summary")?;
         seconds += t.elapsed().as_secs_f64() - s.time_to_first_token.as_secs_f64();
-        generated += out.token_ids.len() - 1;
+        generated += out.token_ids.len().saturating_sub(1);
         if let Some(x) = s.speculative {
             (accepted, drafted) = (accepted + x.accepted, drafted + x.drafted);
         }
@@ -100,67 +105,103 @@ pub fn predicted_speedup(alpha: f64, k: usize, c: f64) -> f64 {
     tokens / (k as f64 * c + 1.0)
 }
 
-/// Runs the measurement on `target`.
+/// Runs the measurement on `target`, every workload.
 pub fn bench_speculative(target: &Path, opts: &SpecBenchOptions) -> Result<SpecReport, String> {
     let session = SessionOptions { intra_threads: opts.threads, ..Default::default() };
-    let context = 512.min(Manifest::read(target).map_err(|e| e.to_string())?.max_context);
+    // Grounded prompts carry their text: up to about 400 tokens before the answer.
+    let context = 1024.min(Manifest::read(target).map_err(|e| e.to_string())?.max_context);
     let name = |p: &Path| Manifest::read(p).map(|m| m.name).unwrap_or_else(|_| p.display().to_string());
-    let plain = engine(target, None, &session, context)?;
-    decode(&plain, 8, None)?; // warm-up
-    let (plain_tps, _, _) = decode(&plain, opts.tokens, None)?;
-    drop(plain);
-    let mut drafters = vec![("prompt lookup".to_string(), None, 0.0)];
+    let corpus = cache_dir().join("corpus").join("shakespeare");
+    let sets = Workload::ALL.iter().map(|&w| Ok((w, w.prompts(&corpus)?))).collect::<Result<Vec<_>, String>>()?;
+    // Plain decode speed of the target and of each draft artifact, per workload.
+    let plain_speeds = |e: &Engine| -> Result<Vec<f64>, String> {
+        decode(e, &sets[0].1[..1], true, 8, None)?; // warm-up
+        sets.iter().map(|(w, prompts)| Ok(decode(e, prompts, w.ignore_eos(), opts.tokens, None)?.0)).collect()
+    };
+    let plain = plain_speeds(&engine(target, None, &session, context)?)?;
+    let mut drafters = vec![("prompt lookup".to_string(), None, vec![0.0; sets.len()])];
     for d in &opts.drafts {
-        let e = engine(d, None, &session, context)?;
-        decode(&e, 8, None)?;
-        let (tps, _, _) = decode(&e, opts.tokens, None)?;
-        drafters.push((name(d), Some(d.as_path()), tps));
+        drafters.push((name(d), Some(d.as_path()), plain_speeds(&engine(d, None, &session, context)?)?));
     }
-    let mut rows = Vec::new();
-    let mut costs = Vec::new();
-    for (drafter, path, draft_tps) in &drafters {
-        let c = if *draft_tps > 0.0 { plain_tps / draft_tps } else { 0.0 };
-        costs.push((drafter.clone(), *draft_tps, c));
+    let mut workloads: Vec<WorkloadReport> = sets
+        .iter()
+        .zip(&plain)
+        .enumerate()
+        .map(|(i, ((w, _), &plain_tps))| WorkloadReport {
+            workload: *w,
+            plain_tokens_per_s: plain_tps,
+            drafters: drafters
+                .iter()
+                .map(|(d, _, tps)| (d.clone(), tps[i], if tps[i] > 0.0 { plain_tps / tps[i] } else { 0.0 }))
+                .collect(),
+            rows: Vec::new(),
+        })
+        .collect();
+    for (drafter, path, _) in &drafters {
         let e = engine(target, *path, &session, context)?;
         let method = if path.is_some() { DraftMethod::Model } else { DraftMethod::PromptLookup };
-        for &k in &opts.ks {
-            eprintln!("speculative: {drafter}, K = {k} ...");
-            let (tps, accepted, drafted) = decode(&e, opts.tokens, Some(Speculation { method, draft_tokens: k }))?;
-            let acceptance = if drafted > 0 { accepted as f64 / drafted as f64 } else { 0.0 };
-            rows.push(SpecRow {
-                drafter: drafter.clone(),
-                k,
-                acceptance,
-                tokens_per_s: tps,
-                speedup: tps / plain_tps,
-                predicted: predicted_speedup(acceptance, k, c),
-            });
+        for (report, (w, prompts)) in workloads.iter_mut().zip(&sets) {
+            let c = report.drafters.iter().find(|(d, _, _)| d == drafter).map_or(0.0, |x| x.2);
+            for &k in &opts.ks {
+                eprintln!("speculative: {}, {drafter}, K = {k} ...", w.name());
+                let spec = Some(Speculation { method, draft_tokens: k });
+                let (tps, accepted, drafted) = decode(&e, prompts, w.ignore_eos(), opts.tokens, spec)?;
+                let acceptance = if drafted > 0 { accepted as f64 / drafted as f64 } else { 0.0 };
+                report.rows.push(SpecRow {
+                    drafter: drafter.clone(),
+                    k,
+                    acceptance,
+                    tokens_per_s: tps,
+                    speedup: tps / report.plain_tokens_per_s,
+                    predicted: predicted_speedup(acceptance, k, c),
+                });
+            }
         }
     }
-    Ok(SpecReport { target: name(target), plain_tokens_per_s: plain_tps, drafters: costs, rows })
+    Ok(SpecReport { target: name(target), workloads })
 }
 
-/// The report as text tables.
+/// The report as text tables, one section per workload.
 pub fn render(r: &SpecReport) -> String {
-    let mut out = format!("target {}: plain greedy decode {:.1} tokens/s\n\n", r.target, r.plain_tokens_per_s);
-    out.push_str("| drafter | draft tok/s | cost ratio c |\n|---|---|---|\n");
-    for (d, tps, c) in &r.drafters {
-        let _ = writeln!(out, "| {d} | {} | {c:.3} |", if *tps > 0.0 { format!("{tps:.1}") } else { "-".into() });
-    }
-    out.push_str("\n| drafter | K | acceptance | tok/s | speedup | predicted |\n|---|---|---|---|---|---|\n");
-    for row in &r.rows {
+    let mut out = format!("target {}\n", r.target);
+    for w in &r.workloads {
         let _ = writeln!(
             out,
-            "| {} | {} | {:.3} | {:.1} | {:.2}× | {:.2}× |",
-            row.drafter, row.k, row.acceptance, row.tokens_per_s, row.speedup, row.predicted
+            "\n{} prompts: plain greedy decode {:.1} tokens/s\n",
+            w.workload.name(),
+            w.plain_tokens_per_s
         );
+        out.push_str("| drafter | draft tok/s | cost ratio c |\n|---|---|---|\n");
+        for (d, tps, c) in &w.drafters {
+            let tps = if *tps > 0.0 { format!("{tps:.1}") } else { "-".into() };
+            let _ = writeln!(out, "| {d} | {tps} | {c:.3} |");
+        }
+        out.push_str("\n| drafter | K | acceptance | tok/s | speedup | predicted |\n|---|---|---|---|---|---|\n");
+        for row in &w.rows {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {:.3} | {:.1} | {:.2}× | {:.2}× |",
+                row.drafter, row.k, row.acceptance, row.tokens_per_s, row.speedup, row.predicted
+            );
+        }
     }
     out
 }
 
-/// An SVG line plot of measured speedup (solid) and predicted speedup (dashed) against K per
-/// drafter, with the break-even line at 1.
-pub fn plot_svg(r: &SpecReport) -> String {
+/// Where the plot of workload `w` goes: `base` for the open-ended prompts, `base` with the
+/// workload's name added to its stem otherwise (`speculative.svg` → `speculative-grounded.svg`).
+pub fn plot_path(base: &Path, w: Workload) -> PathBuf {
+    if w == Workload::OpenEnded {
+        return base.to_path_buf();
+    }
+    let stem = base.file_stem().map_or_else(|| "speculative".into(), |s| s.to_string_lossy().into_owned());
+    let ext = base.extension().map_or_else(|| "svg".into(), |e| e.to_string_lossy().into_owned());
+    base.with_file_name(format!("{stem}-{}.{ext}", w.name()))
+}
+
+/// An SVG line plot of one workload's measured speedup (solid) and predicted speedup
+/// (dashed) against K per drafter, with the break-even line at 1.
+pub fn plot_svg(target: &str, r: &WorkloadReport) -> String {
     const COLORS: [&str; 6] = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"];
     let (w, h, left, right, top, bottom) = (720.0, 440.0, 70.0, 190.0, 40.0, 60.0);
     let max_k = r.rows.iter().map(|x| x.k).max().unwrap_or(1).max(1) as f64;
@@ -171,9 +212,9 @@ pub fn plot_svg(r: &SpecReport) -> String {
     let mut s = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
          <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-         <text x=\"{}\" y=\"22\" text-anchor=\"middle\" font-size=\"15\">Speculative decoding on {}: speedup over plain greedy decoding</text>\n",
+         <text x=\"{}\" y=\"22\" text-anchor=\"middle\" font-size=\"15\">Speculative decoding on {target}, {} prompts: speedup over plain greedy decoding</text>\n",
         (w - right + left) / 2.0,
-        r.target
+        r.workload.name()
     );
     let mut tick = 0.0;
     while tick <= max_y + 1e-9 {
@@ -259,6 +300,13 @@ mod tests {
     }
 
     #[test]
+    fn each_workload_has_its_own_plot_file() {
+        let base = Path::new("docs/speculative-fp32.svg");
+        assert_eq!(plot_path(base, Workload::OpenEnded), base);
+        assert_eq!(plot_path(base, Workload::Grounded), Path::new("docs/speculative-fp32-grounded.svg"));
+    }
+
+    #[test]
     fn the_plot_has_a_line_per_drafter_and_the_break_even() {
         let row = |d: &str, k, s| SpecRow {
             drafter: d.into(),
@@ -268,14 +316,14 @@ mod tests {
             speedup: s,
             predicted: s,
         };
-        let r = SpecReport {
-            target: "fp32".into(),
+        let r = WorkloadReport {
+            workload: Workload::Grounded,
             plain_tokens_per_s: 10.0,
             drafters: vec![],
             rows: vec![row("a", 1, 1.2), row("a", 4, 1.5), row("b", 1, 0.9), row("b", 4, 0.7)],
         };
-        let svg = plot_svg(&r);
+        let svg = plot_svg("fp32", &r);
         assert_eq!(svg.matches("<polyline").count(), 4, "measured and predicted per drafter");
-        assert!(svg.contains("break-even") && svg.ends_with("</svg>\n"));
+        assert!(svg.contains("break-even") && svg.contains("grounded prompts") && svg.ends_with("</svg>\n"));
     }
 }
