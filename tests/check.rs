@@ -40,13 +40,28 @@ fn every_default_artifact_passes() {
         }
         assert_eq!(r["failures"].as_array().map(Vec::len), Some(0));
     }
+    // The baseline scores itself on both texts: its perplexity, nothing lost.
+    for q in reports[0]["quality"].as_array().expect("rows") {
+        assert!(q["quality"]["ppl_increase"].as_f64().expect("increase").abs() < 1e-6, "{q}");
+    }
     // Quality is measured for every quantized artifact, and integrity for their tensors;
     // what `kiln serve` runs by default (f16 KV cache) is held against tract too.
     for r in &reports[1..] {
         let names: Vec<&str> =
             r["parity"].as_array().expect("rows").iter().filter_map(|p| p["name"].as_str()).collect();
         assert!(names.iter().any(|n| n.starts_with("serving defaults (f16 KV cache) vs tract")), "{names:?}");
-        assert!(r["quality"]["quality"]["ppl"].as_f64().is_some(), "{r}");
+        // Scored in the calibration text's domain and out of it.
+        let texts: Vec<&str> =
+            r["quality"].as_array().expect("rows").iter().filter_map(|q| q["text"].as_str()).collect();
+        assert!(
+            texts.len() == 2 && texts[0].ends_with("hamlet_gut.txt") && texts[1].ends_with("alice29.txt"),
+            "{texts:?}"
+        );
+        for q in r["quality"].as_array().expect("rows") {
+            let (ppl, base) =
+                (q["quality"]["ppl"].as_f64().expect("ppl"), q["quality"]["baseline_ppl"].as_f64().expect("ppl"));
+            assert!(ppl > base && ppl < 2.0 * base, "{q}");
+        }
         assert!(r["integrity"]["tensors"].as_u64().expect("integrity") > 200);
     }
 }

@@ -14,7 +14,7 @@ use std::time::Instant;
 use super::workload::Workload;
 use crate::engine::speculative::{DraftMethod, Speculation};
 use crate::engine::{artifact_engine, Engine, EngineOptions, Prompt, Request};
-use crate::model::cache_dir;
+use crate::model::corpus_dir;
 use crate::onnx::manifest::Manifest;
 use crate::runtime::SessionOptions;
 
@@ -111,7 +111,7 @@ pub fn bench_speculative(target: &Path, opts: &SpecBenchOptions) -> Result<SpecR
     // Grounded prompts carry their text: up to about 400 tokens before the answer.
     let context = 1024.min(Manifest::read(target).map_err(|e| e.to_string())?.max_context);
     let name = |p: &Path| Manifest::read(p).map(|m| m.name).unwrap_or_else(|_| p.display().to_string());
-    let corpus = cache_dir().join("corpus").join("shakespeare");
+    let corpus = corpus_dir();
     let sets = Workload::ALL.iter().map(|&w| Ok((w, w.prompts(&corpus)?))).collect::<Result<Vec<_>, String>>()?;
     // Plain decode speed of the target and of each draft artifact, per workload.
     let plain_speeds = |e: &Engine| -> Result<Vec<f64>, String> {
@@ -137,11 +137,11 @@ pub fn bench_speculative(target: &Path, opts: &SpecBenchOptions) -> Result<SpecR
             rows: Vec::new(),
         })
         .collect();
-    for (drafter, path, _) in &drafters {
+    for (j, (drafter, path, _)) in drafters.iter().enumerate() {
         let e = engine(target, *path, &session, context)?;
         let method = if path.is_some() { DraftMethod::Model } else { DraftMethod::PromptLookup };
         for (report, (w, prompts)) in workloads.iter_mut().zip(&sets) {
-            let c = report.drafters.iter().find(|(d, _, _)| d == drafter).map_or(0.0, |x| x.2);
+            let c = report.drafters[j].2;
             for &k in &opts.ks {
                 eprintln!("speculative: {}, {drafter}, K = {k} ...", w.name());
                 let spec = Some(Speculation { method, draft_tokens: k });

@@ -179,7 +179,7 @@ mod tests {
 
     #[test]
     fn grounded_prompts_carry_their_passages_from_the_fetched_corpus() {
-        let corpus = crate::model::cache_dir().join("corpus").join("shakespeare");
+        let corpus = crate::model::corpus_dir();
         let prompts = Workload::Grounded.prompts(&corpus).expect("make setup fetches the corpus");
         let texts: Vec<&str> = prompts
             .iter()

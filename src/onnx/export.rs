@@ -18,9 +18,9 @@ use super::decoder::{self, DecoderSource, GraphForm, TensorReport};
 use super::manifest::{self, IoSpec, Manifest, Sizes, SourceInfo, TokenizerInfo};
 use super::recipe::{Recipe, DEFAULT_MAX_CONTEXT};
 use super::ExportError;
-use crate::model::{cache_dir, default_model_path, Model, SourceKind};
+use crate::model::{default_model_path, Model, SourceKind};
 use crate::quant::awq::awq_model;
-use crate::quant::calibrate::{calibration_windows, gptq_model};
+use crate::quant::calibrate::{calibration_windows, default_corpora, gptq_model};
 use crate::quant::Method;
 
 /// How to run an export.
@@ -53,11 +53,12 @@ pub enum ExportOutcome {
 
 /// Progress events of an export, for a progress bar.
 pub trait Progress {
-    /// The export will store `total` weight matrices.
-    fn start(&mut self, total: usize);
+    /// A phase of `total` steps begins: `what` is "GPTQ calibration" or "AWQ calibration"
+    /// (one step per layer), or "weights" (one step per stored matrix).
+    fn start(&mut self, what: &str, total: usize);
     /// One matrix was stored.
     fn tensor(&mut self, report: &TensorReport);
-    /// One layer was calibrated (GPTQ).
+    /// One layer was calibrated.
     fn layer(&mut self) {}
 }
 
@@ -65,7 +66,7 @@ pub trait Progress {
 pub struct Quiet;
 
 impl Progress for Quiet {
-    fn start(&mut self, _: usize) {}
+    fn start(&mut self, _: &str, _: usize) {}
     fn tensor(&mut self, _: &TensorReport) {}
 }
 
@@ -118,14 +119,16 @@ pub fn export(
     let max_context = recipe.max_context.unwrap_or(config.max_position_embeddings.min(DEFAULT_MAX_CONTEXT));
     let calibration = || -> Result<Vec<Vec<u32>>, ExportError> {
         let cal = &recipe.quant.calibration;
-        let corpus = cal.corpus.clone().unwrap_or_else(|| cache_dir().join("corpus").join("shakespeare"));
-        calibration_windows(&model.tokenizer, &corpus, cal)
+        let corpora = if cal.corpus.is_empty() { default_corpora() } else { cal.corpus.clone() };
+        calibration_windows(&model.tokenizer, &corpora, cal)
             .map_err(|e| ExportError::Recipe { path: PathBuf::from(name), reason: format!("calibration: {e}") })
     };
     let calibrated =
         |method: &str, e: String| ExportError::Recipe { path: PathBuf::from(name), reason: format!("{method}: {e}") };
-    if recipe.quant.method != Method::Rtn {
-        progress.start(config.num_layers);
+    match recipe.quant.method {
+        Method::Rtn => {}
+        Method::Gptq => progress.start("GPTQ calibration", config.num_layers),
+        Method::Awq => progress.start("AWQ calibration", config.num_layers),
     }
     let mut on_layer = |_: usize, _: usize| progress.layer();
     let (weights, prequantized) = match recipe.quant.method {
@@ -158,7 +161,7 @@ pub fn export(
         }
     };
     let weights = weights.as_ref().unwrap_or(&model.weights);
-    progress.start(2 + 7 * config.num_layers);
+    progress.start("weights", 2 + 7 * config.num_layers);
     let portable =
         DecoderSource { config: &config, weights, max_context, prequantized: &prequantized, form: GraphForm::Portable };
     let (graph, tensors) = decoder::build(&portable, &|n| recipe.scheme_for(n), &mut |r| progress.tensor(r))?;

@@ -18,8 +18,9 @@
 //!
 //! # method = "gptq" also reads [quant.gptq] (damp = 0.01, block = 128, act_order = false),
 //! # method = "awq" reads [quant.awq] (grid = 20, samples = 512, clip = true); both read
-//! # [quant.calibration] (windows = 32, window = 512, corpus = <the fetched plays>,
-//! # exclude = ["hamlet_gut.txt"]).
+//! # [quant.calibration] (windows = 32, window = 512, corpus = a directory or a list of
+//! # them, the windows shared evenly (default: the fetched plays and prose),
+//! # exclude = ["hamlet_gut.txt", "alice29.txt"], the evaluation texts).
 //!
 //! [[quant.override]]          # later overrides win; fields left out keep the base values
 //! match = "model.embed_tokens.weight"   # glob over Hugging Face names (* and ?)

@@ -23,27 +23,80 @@ use crate::model::{ModelConfig, ModelTokenizer, Weights};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CalibrationOptions {
-    /// Number of windows.
+    /// Number of windows, shared evenly among the corpora.
     pub windows: usize,
     /// Tokens per window.
     pub window: usize,
-    /// Directory of `*.txt` files (default: the fetched Shakespeare plays).
-    pub corpus: Option<PathBuf>,
-    /// File names left out (the held-out evaluation text).
+    /// Directories of `*.txt` files, one source each (`corpus = "dir"` or a list; default:
+    /// the fetched plays and the fetched prose, see [`default_corpora`]).
+    #[serde(deserialize_with = "one_or_many")]
+    pub corpus: Vec<PathBuf>,
+    /// File names left out (the held-out evaluation texts).
     pub exclude: Vec<String>,
 }
 
 impl Default for CalibrationOptions {
     fn default() -> Self {
-        CalibrationOptions { windows: 32, window: 512, corpus: None, exclude: vec!["hamlet_gut.txt".into()] }
+        CalibrationOptions {
+            windows: 32,
+            window: 512,
+            corpus: Vec::new(),
+            exclude: vec!["hamlet_gut.txt".into(), "alice29.txt".into()],
+        }
     }
 }
 
-/// `opts.windows` windows of `opts.window` tokens, evenly spaced over the corpus files (in
-/// name order, excluded files left out), tokenized with `tokenizer`. Deterministic.
+/// The corpora a recipe that names none calibrates on: the plays and the prose that
+/// `make setup` fetches, so that quantization is tuned on more than one kind of English.
+pub fn default_corpora() -> Vec<PathBuf> {
+    vec![crate::model::corpus_dir(), crate::model::prose_dir()]
+}
+
+/// A path or a list of paths (`null`, as older manifests record the default, is none).
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<PathBuf>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(PathBuf),
+        Many(Vec<PathBuf>),
+    }
+    Ok(match Option::<OneOrMany>::deserialize(d)? {
+        None => Vec::new(),
+        Some(OneOrMany::One(p)) => vec![p],
+        Some(OneOrMany::Many(v)) => v,
+    })
+}
+
+/// `opts.windows` windows of `opts.window` tokens tokenized with `tokenizer`, shared evenly
+/// among `corpora` (the first ones take the remainder), each source's windows evenly spaced
+/// over its files (in name order, excluded files left out). Deterministic.
 pub fn calibration_windows(
     tokenizer: &ModelTokenizer,
+    corpora: &[PathBuf],
+    opts: &CalibrationOptions,
+) -> Result<Vec<Vec<u32>>, String> {
+    if opts.windows == 0 || opts.window < 2 {
+        return Err(format!(
+            "windows = {}, window = {}: need at least 1 window of 2 tokens",
+            opts.windows, opts.window
+        ));
+    }
+    if corpora.is_empty() || corpora.len() > opts.windows {
+        return Err(format!("{} corpora for {} windows: need 1 to {0} corpora", corpora.len(), opts.windows));
+    }
+    let mut out = Vec::with_capacity(opts.windows);
+    for (k, corpus) in corpora.iter().enumerate() {
+        let n = opts.windows / corpora.len() + usize::from(k < opts.windows % corpora.len());
+        out.extend(source_windows(tokenizer, corpus, n, opts)?);
+    }
+    Ok(out)
+}
+
+/// `n` windows evenly spaced over the token ids of one corpus directory.
+fn source_windows(
+    tokenizer: &ModelTokenizer,
     corpus: &Path,
+    n: usize,
     opts: &CalibrationOptions,
 ) -> Result<Vec<Vec<u32>>, String> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(corpus)
@@ -61,18 +114,17 @@ pub fn calibration_windows(
         let text = std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?;
         ids.extend(tokenizer.encode(&text).map_err(|e| format!("{}: {e}", f.display()))?);
     }
-    let need = opts.windows * opts.window;
-    if opts.windows == 0 || opts.window < 2 || ids.len() < need {
+    let need = n * opts.window;
+    if ids.len() < need {
         return Err(format!(
-            "{} tokens in {}; {} windows of {} need {need}",
+            "{} tokens in {}; {n} windows of {} need {need}",
             ids.len(),
             corpus.display(),
-            opts.windows,
             opts.window
         ));
     }
-    let stride = ids.len() / opts.windows;
-    Ok((0..opts.windows).map(|k| ids[k * stride..k * stride + opts.window].to_vec()).collect())
+    let stride = ids.len() / n;
+    Ok((0..n).map(|k| ids[k * stride..k * stride + opts.window].to_vec()).collect())
 }
 
 /// Adds one site's inputs to a window's statistics.
@@ -185,4 +237,59 @@ pub fn gptq_model(
         out.insert("lm_head.weight".to_string(), q);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokenizers::models::wordlevel::WordLevel;
+    use tokenizers::pre_tokenizers::whitespace::Whitespace;
+    use tokenizers::Tokenizer;
+
+    /// A word-level tokenizer: `a` → 0, `b` → 1, `c` → 2.
+    fn words() -> ModelTokenizer {
+        let vocab = [("a".to_string(), 0), ("b".to_string(), 1), ("c".to_string(), 2), ("[UNK]".to_string(), 3)];
+        let model = WordLevel::builder().vocab(vocab.into_iter().collect()).unk_token("[UNK]".into()).build();
+        let mut t = Tokenizer::new(model.expect("word-level model"));
+        t.with_pre_tokenizer(Some(Whitespace {}));
+        ModelTokenizer::new(t, None, vec![], None)
+    }
+
+    #[test]
+    fn windows_are_shared_among_corpora_and_held_out_files_stay_out() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (plays, prose) = (tmp.path().join("plays"), tmp.path().join("prose"));
+        for (dir, files) in
+            [(&plays, [("x.txt", "a "), ("held.txt", "c ")]), (&prose, [("y.txt", "b "), ("z.md", "c ")])]
+        {
+            std::fs::create_dir_all(dir).expect("mkdir");
+            for (name, word) in files {
+                std::fs::write(dir.join(name), word.repeat(100)).expect("write");
+            }
+        }
+        let opts = CalibrationOptions { windows: 5, window: 10, corpus: vec![], exclude: vec!["held.txt".into()] };
+        let w = calibration_windows(&words(), &[plays.clone(), prose.clone()], &opts).expect("windows");
+        // Three windows of the first source, two of the second; excluded and non-.txt files unread.
+        let sources: Vec<u32> = w.iter().map(|x| x[0]).collect();
+        assert_eq!(sources, [0, 0, 0, 1, 1]);
+        assert!(w.iter().all(|x| x.len() == 10 && x.iter().all(|&t| t == x[0])));
+
+        let too_many = CalibrationOptions { windows: 11, ..opts.clone() };
+        let e = calibration_windows(&words(), std::slice::from_ref(&prose), &too_many).expect_err("too short");
+        assert!(e.contains("100 tokens") && e.contains("11 windows of 10 need 110"), "{e}");
+        let e = calibration_windows(&words(), &[], &opts).expect_err("no corpus");
+        assert!(e.contains("0 corpora"), "{e}");
+    }
+
+    #[test]
+    fn a_recipe_names_one_corpus_or_several() {
+        let one: CalibrationOptions = toml::from_str("corpus = \"texts\"").expect("one");
+        assert_eq!(one.corpus, [PathBuf::from("texts")]);
+        let two: CalibrationOptions = toml::from_str("corpus = [\"a\", \"b\"]").expect("two");
+        assert_eq!(two.corpus, [PathBuf::from("a"), PathBuf::from("b")]);
+        assert_eq!(CalibrationOptions::default().exclude, ["hamlet_gut.txt", "alice29.txt"]);
+        // Manifests written before the list form recorded the default as null.
+        let old: CalibrationOptions = serde_json::from_str(r#"{"corpus": null}"#).expect("null");
+        assert!(old.corpus.is_empty());
+    }
 }
