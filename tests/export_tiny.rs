@@ -11,6 +11,7 @@ use kiln::model::reference::{Logits, Reference};
 use kiln::model::Model;
 use kiln::onnx::builder::{DType, GraphBuilder, TensorData};
 use kiln::onnx::export::{export_recipe, ExportOptions, ExportOutcome, Quiet};
+use kiln::onnx::manifest::Manifest;
 use kiln::runtime::{Forward, OrtDecoder, ServingDecoder, SessionOptions, StepInput};
 use ndarray::{s, Array2};
 
@@ -365,9 +366,12 @@ fn calibrated_recipes_export_and_verify() {
         let text = format!("source = {src:?}\noutput = {:?}\n[quant]\nprecision = \"fp32\"\n", tmp.path().join("fp32"));
         export(&write_recipe(tmp.path(), "fp32", &text))
     };
-    for (method, extra) in
-        [("gptq", "[quant.gptq]\nact_order = true\n"), ("awq", "[quant.awq]\ngrid = 5\nsamples = 32\n")]
-    {
+    let mut built = std::collections::HashMap::new();
+    for (method, extra) in [
+        ("gptq", "[quant.gptq]\nact_order = true\n"),
+        ("awq", "[quant.awq]\ngrid = 5\nsamples = 32\n"),
+        ("awq+gptq", "[quant.awq]\ngrid = 5\nsamples = 32\n[quant.gptq]\nact_order = true\n"),
+    ] {
         let out = tmp.path().join(method);
         let text = format!("source = {src:?}\noutput = {out:?}\n[quant]\nmethod = \"{method}\"\n{common}\n{extra}");
         let r = write_recipe(tmp.path(), method, &text);
@@ -401,5 +405,22 @@ fn calibrated_recipes_export_and_verify() {
             assert_eq!(integrity.tensors, 7 * TINY_LAYERS + 2);
             assert!(integrity.mismatches.is_empty(), "{:?}", integrity.mismatches);
         }
+        built.insert(method, dir);
     }
+    // awq+gptq folds AWQ's scales (its norms are AWQ's, not the FP32 model's), then quantizes
+    // by GPTQ: its codes are neither AWQ's round-to-nearest nor GPTQ's on unscaled weights.
+    let tensor = |method: &str, name: &str| {
+        let dir = if method == "fp32" { &fp32 } else { &built[method] };
+        let files = kiln::check::artifact::ArtifactFiles::open(dir).expect("artifact");
+        let t = files.initializer(name).unwrap_or_else(|| panic!("{method}: no initializer {name}"));
+        files.bytes(t).expect("bytes")
+    };
+    let norm = "model.layers.0.input_layernorm.weight";
+    assert_eq!(tensor("awq+gptq", norm), tensor("awq", norm));
+    assert_ne!(tensor("awq+gptq", norm), tensor("fp32", norm));
+    let m = Manifest::read(&built["awq+gptq"]).expect("manifest");
+    let packed = m.tensors.iter().find_map(|t| t.packed.as_ref()).expect("a packed projection").tensor.clone();
+    let codes = tensor("awq+gptq", &packed);
+    assert_ne!(codes, tensor("awq", &packed));
+    assert_ne!(codes, tensor("gptq", &packed));
 }

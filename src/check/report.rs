@@ -15,7 +15,7 @@ use super::{integrity, CheckError};
 use crate::model::cache_dir;
 use crate::onnx::manifest::Manifest;
 use crate::onnx::recipe::CheckThresholds;
-use crate::quant::{Method, Precision};
+use crate::quant::Precision;
 use crate::runtime::{OrtDecoder, Provider, ServingDecoder, SessionOptions, ShapeRange, TensorRtOptions};
 
 /// How parity is judged for one kind of run. All tolerances live here, with their reasons.
@@ -279,7 +279,7 @@ pub fn check(dir: &Path, opts: &CheckOptions, progress: &mut dyn FnMut(&str)) ->
             });
         }
         // AWQ stores rescaled weights (and rescaled norms): they are not the FP32 artifact's.
-        if quantized && m.recipe.quant.method != Method::Awq {
+        if quantized && !m.recipe.quant.method.rescales_weights() {
             progress("integrity: quantized tensors against the FP32 artifact");
             let integ = integrity::compare(&files, &base_files)?;
             for mm in &integ.mismatches {

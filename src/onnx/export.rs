@@ -19,7 +19,7 @@ use super::manifest::{self, IoSpec, Manifest, Sizes, SourceInfo, TokenizerInfo};
 use super::recipe::{Recipe, DEFAULT_MAX_CONTEXT};
 use super::ExportError;
 use crate::model::{default_model_path, Model, SourceKind};
-use crate::quant::awq::awq_model;
+use crate::quant::awq::{awq_model, awq_scaled};
 use crate::quant::calibrate::{calibration_windows, default_corpora, gptq_model};
 use crate::quant::Method;
 
@@ -129,6 +129,7 @@ pub fn export(
         Method::Rtn => {}
         Method::Gptq => progress.start("GPTQ calibration", config.num_layers),
         Method::Awq => progress.start("AWQ calibration", config.num_layers),
+        Method::AwqGptq => progress.start("AWQ scales, then GPTQ", 2 * config.num_layers),
     }
     let mut on_layer = |_: usize, _: usize| progress.layer();
     let (weights, prequantized) = match recipe.quant.method {
@@ -157,6 +158,15 @@ pub fn export(
                 &mut on_layer,
             )
             .map_err(|e| calibrated("AWQ", e))?;
+            (Some(w), q)
+        }
+        Method::AwqGptq => {
+            let windows = calibration()?;
+            let scheme_for = |n: &str| recipe.scheme_for(n);
+            let w = awq_scaled(&config, &model.weights, &windows, &scheme_for, &recipe.quant.awq, &mut on_layer)
+                .map_err(|e| calibrated("AWQ", e))?;
+            let q = gptq_model(&config, &w, &windows, &scheme_for, &recipe.quant.gptq, &mut on_layer)
+                .map_err(|e| calibrated("GPTQ", e))?;
             (Some(w), q)
         }
     };

@@ -17,7 +17,8 @@
 //! clip_search = false
 //!
 //! # method = "gptq" also reads [quant.gptq] (damp = 0.01, block = 128, act_order = false),
-//! # method = "awq" reads [quant.awq] (grid = 20, samples = 512, clip = true); both read
+//! # method = "awq" reads [quant.awq] (grid = 20, samples = 512, clip = true), method =
+//! # "awq+gptq" both (AWQ's scales folded, then GPTQ; AWQ's clip unused); all read
 //! # [quant.calibration] (windows = 32, window = 512, corpus = a directory or a list of
 //! # them, the windows shared evenly (default: the fetched plays and prose),
 //! # exclude = ["hamlet_gut.txt", "alice29.txt"], the evaluation texts).
@@ -94,13 +95,13 @@ pub struct QuantRecipe {
     /// Per-tensor overrides, applied in order.
     #[serde(default, rename = "override")]
     pub overrides: Vec<Override>,
-    /// GPTQ settings (`method = "gptq"`).
+    /// GPTQ settings (`method = "gptq"` or `"awq+gptq"`).
     #[serde(default)]
     pub gptq: GptqOptions,
-    /// AWQ settings (`method = "awq"`).
+    /// AWQ settings (`method = "awq"` or `"awq+gptq"`).
     #[serde(default)]
     pub awq: AwqOptions,
-    /// Calibration text (`method = "gptq"` or `"awq"`).
+    /// Calibration text (every method but `"rtn"`).
     #[serde(default)]
     pub calibration: CalibrationOptions,
 }
@@ -176,7 +177,7 @@ impl Recipe {
         if self.max_context == Some(0) {
             return Err("max_context = 0".into());
         }
-        if self.quant.method == Method::Gptq {
+        if self.quant.method.uses_gptq() {
             let (g, c) = (&self.quant.gptq, &self.quant.calibration);
             if !(g.damp > 0.0 && g.damp < 1.0) {
                 return Err(format!("[quant.gptq] damp = {} must lie in (0, 1)", g.damp));
@@ -185,7 +186,7 @@ impl Recipe {
                 return Err("[quant.gptq] block and [quant.calibration] windows/window must be positive".into());
             }
         }
-        if self.quant.method == Method::Awq {
+        if self.quant.method.rescales_weights() {
             let (a, c) = (&self.quant.awq, &self.quant.calibration);
             if a.grid == 0 || a.samples == 0 || c.windows == 0 || c.window < 2 {
                 return Err("[quant.awq] grid/samples and [quant.calibration] windows/window must be positive".into());

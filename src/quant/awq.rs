@@ -153,6 +153,32 @@ pub fn awq_model(
     opts: &AwqOptions,
     on_layer: &mut dyn FnMut(usize, usize),
 ) -> Result<AwqResult, String> {
+    awq(config, weights, windows, scheme_for, opts, true, on_layer)
+}
+
+/// AWQ's scale search alone: the weights with the scales folded in (the same float model),
+/// for another method to quantize (`method = "awq+gptq"` hands them to GPTQ).
+pub fn awq_scaled(
+    config: &ModelConfig,
+    weights: &Weights,
+    windows: &[Vec<u32>],
+    scheme_for: &dyn Fn(&str) -> Scheme,
+    opts: &AwqOptions,
+    on_layer: &mut dyn FnMut(usize, usize),
+) -> Result<Weights, String> {
+    Ok(awq(config, weights, windows, scheme_for, opts, false, on_layer)?.0)
+}
+
+/// [`awq_model`], quantizing only when `store_quantized`.
+fn awq(
+    config: &ModelConfig,
+    weights: &Weights,
+    windows: &[Vec<u32>],
+    scheme_for: &dyn Fn(&str) -> Scheme,
+    opts: &AwqOptions,
+    store_quantized: bool,
+    on_layer: &mut dyn FnMut(usize, usize),
+) -> Result<AwqResult, String> {
     let mut current = weights.clone();
     let mut quantized = HashMap::new();
     let quantize_clipped = |name: &str, w: &Array2<f32>, x: ArrayView2<f32>| {
@@ -206,7 +232,7 @@ pub fn awq_model(
         }
         // Quantized only now: a later site's fold rescales rows of an earlier site's matrix
         // (down_proj's scales divide up_proj's rows).
-        for (site, x) in &scaled {
+        for (site, x) in scaled.iter().filter(|_| store_quantized) {
             for (n, w) in site_linears(&current.layers[i], *site) {
                 let name = format!("{p}.{n}.weight");
                 if let Some(q) = quantize_clipped(&name, &w.weight, x.view()) {
@@ -231,7 +257,9 @@ pub fn awq_model(
         let s = search_scales(sample.view(), &mean, &[(&head, scheme)], opts.grid);
         current.norm /= &s;
         let head = head * &s;
-        if let Some(q) = quantize_clipped("lm_head.weight", &head, (sample / &s).view()) {
+        if let Some(q) =
+            store_quantized.then(|| quantize_clipped("lm_head.weight", &head, (sample / &s).view())).flatten()
+        {
             quantized.insert("lm_head.weight".to_string(), q);
         }
         current.lm_head = Some(head);

@@ -33,6 +33,23 @@ pub enum Method {
     /// AWQ: activation-aware per-channel scales folded into the float model, then
     /// round-to-nearest.
     Awq,
+    /// AWQ's scales folded first, then GPTQ's error feedback on the scaled weights (the
+    /// combination the AWQ paper reports).
+    #[serde(rename = "awq+gptq")]
+    AwqGptq,
+}
+
+impl Method {
+    /// Whether the stored weights are rescaled (AWQ), so that they are not the FP32
+    /// artifact's weights quantized.
+    pub fn rescales_weights(self) -> bool {
+        matches!(self, Method::Awq | Method::AwqGptq)
+    }
+
+    /// Whether the method reads `[quant.gptq]`.
+    pub fn uses_gptq(self) -> bool {
+        matches!(self, Method::Gptq | Method::AwqGptq)
+    }
 }
 
 /// Storage precision of a weight.
