@@ -266,7 +266,7 @@ pub fn check(dir: &Path, opts: &CheckOptions, progress: &mut dyn FnMut(&str)) ->
         report.failures.push(format!("parity ({}): {}", r.name, describe(&r.worst, &r.tolerance)));
     }
 
-    let same = std::fs::canonicalize(&baseline_dir).ok() == std::fs::canonicalize(dir).ok();
+    let same = same_dir(&baseline_dir, dir);
     let mut candidate = session(opts.accuracy_level)?;
     let mut base = if same {
         session(None)?
@@ -293,7 +293,7 @@ pub fn check(dir: &Path, opts: &CheckOptions, progress: &mut dyn FnMut(&str)) ->
         OrtDecoder::open(&baseline_dir, &SessionOptions::default()).map_err(|e| CheckError::Run(e.to_string()))?
     };
     for (text, ids) in scored {
-        let label = text.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let label = file_name(&text);
         let mut on = |i: usize, n: usize| progress(&format!("quality on {label}: window {i}/{n}"));
         let q = quality::compare(&mut base, &mut candidate, &ids, opts.window, &mut on)?;
         if !same {
@@ -338,6 +338,16 @@ fn describe(w: &StepStats, t: &Tolerance) -> String {
         out.push(format!("kl {:.3e} > {:e}", w.max_kl, t.max_kl));
     }
     out.join(", ")
+}
+
+/// Whether two paths name the same directory.
+fn same_dir(a: &Path, b: &Path) -> bool {
+    std::fs::canonicalize(a).ok() == std::fs::canonicalize(b).ok()
+}
+
+/// The last component of `path`, for labels.
+fn file_name(path: &Path) -> String {
+    path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
 /// The texts quality is scored on by default: Hamlet (in the calibration corpus's domain,
@@ -398,11 +408,8 @@ pub fn render(r: &Report) -> String {
     if r.lowered_for_tract > 0 {
         s += &format!("(tract ran {} DequantizeLinear nodes lowered to standard ops)\n", r.lowered_for_tract);
     }
-    let label = |q: &QualityRow| q.text.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let baseline = r
-        .quality
-        .first()
-        .is_some_and(|q| std::fs::canonicalize(&q.baseline).ok() == std::fs::canonicalize(&r.artifact).ok());
+    let label = |q: &QualityRow| file_name(&q.text);
+    let baseline = r.quality.first().is_some_and(|q| same_dir(&q.baseline, &r.artifact));
     if baseline {
         let ppl: Vec<String> = r
             .quality
