@@ -16,9 +16,10 @@ use kiln::engine::{artifact_engine, Engine, EngineOptions, Event, Prompt, Reques
 use kiln::model::gguf::GgufFile;
 use kiln::model::{default_model_path, Model};
 use kiln::onnx::decoder::TensorReport;
-use kiln::onnx::export::{export_recipe, ExportOptions, ExportOutcome, Progress};
+use kiln::onnx::export::{export_recipe, source_sensitivity, ExportOptions, ExportOutcome, Progress};
 use kiln::onnx::manifest::{self, Manifest};
 use kiln::onnx::recipe::CheckThresholds;
+use kiln::quant::sensitivity::SensitivityOptions;
 use kiln::runtime::{KvCache, Provider, SessionOptions};
 
 /// Positions per sequence `kiln generate` allows (capped by the artifact's `max_context`).
@@ -45,6 +46,14 @@ enum Command {
         /// 8 and 4 bits, per tensor class, for the model's real weights.
         #[arg(long)]
         compare_granularity: bool,
+        /// Measure (or read from the cache) what quantizing each matrix alone costs the
+        /// model, per candidate scheme, on the default calibration text.
+        #[arg(long)]
+        sensitivity: bool,
+        /// With --sensitivity: also measure a second scheme per matrix and score how well
+        /// the prediction ranks them.
+        #[arg(long, requires = "sensitivity")]
+        validate: bool,
     },
     /// Export checkpoints to quantized ONNX artifacts, one per recipe (export/*.toml).
     Export {
@@ -57,6 +66,27 @@ enum Command {
         /// Output directory (only with a single recipe).
         #[arg(long, short)]
         output: Option<PathBuf>,
+        /// Automatic mixed precision within this many bits per weight (replaces the
+        /// recipe's `bits_per_weight`).
+        #[arg(long)]
+        bits_per_weight: Option<f64>,
+    },
+    /// Perplexity of a GGUF file or Hugging Face directory through the native reference
+    /// forward (f32), over the same windows `kiln check` scores: for comparing with files
+    /// other tools quantized.
+    Perplexity {
+        /// GGUF files or Hugging Face directories.
+        #[arg(required = true)]
+        models: Vec<PathBuf>,
+        /// Texts (default: Hamlet and Alice's Adventures in Wonderland).
+        #[arg(long)]
+        text: Vec<PathBuf>,
+        /// Tokens scored per text.
+        #[arg(long, default_value_t = 4096)]
+        tokens: usize,
+        /// Window length.
+        #[arg(long, default_value_t = 512)]
+        window: usize,
     },
     /// Prove artifacts: tract reference vs ONNX Runtime parity, quality against the FP32
     /// artifact, weight integrity. Exits non-zero when any check fails.
@@ -426,9 +456,16 @@ fn main() -> Result<()> {
         return Ok(());
     }
     match Cli::parse().command {
-        Command::Inspect { model, write_tokenizer, compare_granularity } => {
+        Command::Inspect { model, write_tokenizer, compare_granularity, sensitivity, validate } => {
             let path = model.unwrap_or_else(default_model_path);
-            if path.join(manifest::MANIFEST_FILE).is_file() {
+            if sensitivity {
+                let opts = SensitivityOptions { validate, ..SensitivityOptions::default() };
+                let mut bar = Bar { name: path.display().to_string(), bar: None, phase: None };
+                let table = source_sensitivity(&path, &opts, &mut bar)?;
+                bar.finish();
+                print!("{}", kiln::quant::sensitivity::render(&table));
+                Ok(())
+            } else if path.join(manifest::MANIFEST_FILE).is_file() {
                 inspect_artifact(&path)
             } else if compare_granularity {
                 compare_granularity_study(&load(&path)?)
@@ -436,7 +473,25 @@ fn main() -> Result<()> {
                 inspect(path, write_tokenizer)
             }
         }
-        Command::Export { recipes, force, output } => export(&recipes, force, output),
+        Command::Export { recipes, force, output, bits_per_weight } => {
+            export(&recipes, ExportOptions { force, output, bits_per_weight })
+        }
+        Command::Perplexity { models, text, tokens, window } => {
+            let texts = if text.is_empty() { kiln::check::report::default_texts() } else { text };
+            for path in models {
+                let model = load(&path)?;
+                let mut row = Vec::new();
+                for t in &texts {
+                    let ppl = kiln::check::quality::reference_perplexity(&model, t, tokens, window)?;
+                    row.push(format!(
+                        "{} {ppl:.4}",
+                        t.file_name().map_or(t.display().to_string(), |n| n.to_string_lossy().into())
+                    ));
+                }
+                println!("{}: perplexity {}", path.display(), row.join(", "));
+            }
+            Ok(())
+        }
         Command::Check {
             artifacts,
             ep,
@@ -651,12 +706,11 @@ fn check(artifacts: &[PathBuf], opts: &CheckOptions, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn export(recipes: &[PathBuf], force: bool, output: Option<PathBuf>) -> Result<()> {
-    if output.is_some() && recipes.len() > 1 {
+fn export(recipes: &[PathBuf], opts: ExportOptions) -> Result<()> {
+    if opts.output.is_some() && recipes.len() > 1 {
         bail!("--output takes a single recipe ({} given)", recipes.len());
     }
     for recipe in recipes {
-        let opts = ExportOptions { force, output: output.clone() };
         let mut bar = Bar { name: recipe.display().to_string(), bar: None, phase: None };
         match export_recipe(recipe, &opts, &mut bar)? {
             ExportOutcome::UpToDate { dir } => println!("{}: up to date ({})", recipe.display(), dir.display()),
@@ -775,6 +829,10 @@ fn inspect_artifact(dir: &Path) -> Result<()> {
         m.tokenizer.eos_ids,
         &m.tokenizer.vocab_sha256[..16]
     );
+    if let Some(plan) = &m.mixed_precision {
+        println!();
+        print!("{}", kiln::quant::mixed::render(plan));
+    }
     println!();
     println!("{:<44} {:>14} {:>16} {:>12} {:>12}", "tensor", "shape", "scheme", "rel. error", "max abs");
     for t in &m.tensors {

@@ -168,7 +168,7 @@ fn same_recipe_same_bytes() {
         .iter()
         .map(|f| std::fs::read(a.join(f)).expect("read"))
         .collect();
-    let opts = ExportOptions { force: true, output: Some(tmp.path().join("again")) };
+    let opts = ExportOptions { force: true, output: Some(tmp.path().join("again")), ..Default::default() };
     let ExportOutcome::Built { dir: b, .. } = export_recipe(&r, &opts, &mut Quiet).expect("exports") else {
         panic!("forced export must build")
     };
@@ -378,7 +378,7 @@ fn calibrated_recipes_export_and_verify() {
         let dir = export(&r);
         let again = export_recipe(
             &r,
-            &ExportOptions { force: true, output: Some(tmp.path().join(format!("{method}2"))) },
+            &ExportOptions { force: true, output: Some(tmp.path().join(format!("{method}2"))), ..Default::default() },
             &mut Quiet,
         )
         .expect("exports");
@@ -423,4 +423,72 @@ fn calibrated_recipes_export_and_verify() {
     let codes = tensor("awq+gptq", &packed);
     assert_ne!(codes, tensor("awq", &packed));
     assert_ne!(codes, tensor("gptq", &packed));
+}
+
+/// `bits_per_weight` end to end on a tiny model: the budget holds, a larger budget buys more
+/// 8-bit matrices and a smaller measured KL, kiln.json's schemes are the plan's, the stored
+/// weights verify against the FP32 artifact, and a budget below the smallest choice is
+/// refused with the figures named.
+#[test]
+fn mixed_precision_keeps_the_budget() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let src = model_dir(tmp.path(), QWEN2, 5);
+    let corpus = tmp.path().join("corpus");
+    std::fs::create_dir_all(&corpus).expect("mkdir");
+    let text: String = (0..600).map(|k| format!("hello world {} or {} ", k * 3, k % 11)).collect();
+    std::fs::write(corpus.join("a.txt"), text).expect("corpus");
+    let fp32 = {
+        let text = format!("source = {src:?}\noutput = {:?}\n[quant]\nprecision = \"fp32\"\n", tmp.path().join("fp32"));
+        export(&write_recipe(tmp.path(), "fp32", &text))
+    };
+    let recipe = |bpw: f64| {
+        let out = tmp.path().join(format!("mixed-{bpw}"));
+        let text = format!(
+            "source = {src:?}\noutput = {out:?}\n[quant]\nmethod = \"gptq\"\nprecision = \"int4\"\n\
+             layout = \"blocked\"\nbits_per_weight = {bpw}\n\
+             [quant.calibration]\nwindows = 4\nwindow = 24\ncorpus = {corpus:?}\n\
+             [quant.sensitivity]\nwindows = 2\ntokens = 16\nvalidate = true\n"
+        );
+        write_recipe(tmp.path(), &format!("mixed-{bpw}"), &text)
+    };
+    let err = export_recipe(&recipe(1.0), &ExportOptions::default(), &mut Quiet).expect_err("too small");
+    let msg = err.to_string();
+    assert!(msg.contains("bits_per_weight = 1") && msg.contains("smallest choice takes"), "{msg}");
+    let smallest: f64 = msg
+        .split("smallest choice takes ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|v| v.parse().ok())
+        .expect("the smallest size in the message");
+    let mut plans = Vec::new();
+    for bpw in [(smallest + 0.4).ceil(), 18.0] {
+        let dir = export(&recipe(bpw));
+        let m = Manifest::read(&dir).expect("manifest");
+        let plan = m.mixed_precision.clone().expect("the plan is recorded");
+        assert!(plan.bits_per_weight <= bpw && plan.target_bits_per_weight == bpw, "{plan:?}");
+        assert_eq!(plan.choices.len(), 7 * TINY_LAYERS + 2);
+        for c in &plan.choices {
+            let t = m.tensors.iter().find(|t| t.name == c.name).unwrap_or_else(|| panic!("{} not stored", c.name));
+            assert_eq!(t.scheme, c.scheme, "{}", c.name);
+            assert_eq!(t.bytes, c.bytes, "{}", c.name);
+        }
+        let kl = plan.measured_kl.expect("measured");
+        assert!(kl.is_finite() && kl > 0.0, "{kl}");
+        let cand = kiln::check::artifact::ArtifactFiles::open(&dir).expect("artifact");
+        let base = kiln::check::artifact::ArtifactFiles::open(&fp32).expect("baseline");
+        let integrity = kiln::check::integrity::compare(&cand, &base).expect("integrity");
+        assert!(integrity.mismatches.is_empty(), "{:?}", integrity.mismatches);
+        plans.push(plan);
+    }
+    let int8 = |p: &kiln::quant::mixed::MixedPlan| {
+        p.choices.iter().filter(|c| c.scheme.precision == kiln::quant::Precision::Int8).count()
+    };
+    assert!(int8(&plans[0]) < plans[0].choices.len(), "the small budget keeps some 4-bit matrices");
+    assert_eq!(
+        int8(&plans[1]),
+        plans[1].choices.len(),
+        "18 bits per weight fit INT8 everywhere (the tied table is stored twice)"
+    );
+    assert!(plans[1].measured_kl < plans[0].measured_kl, "{:?} vs {:?}", plans[1].measured_kl, plans[0].measured_kl);
+    assert!(plans[1].predicted_kl < plans[0].predicted_kl);
 }

@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 
 use super::parity::kl_divergence;
 use super::CheckError;
-use crate::model::reference::{argmax, logsumexp};
+use crate::model::reference::{argmax, logsumexp, Logits, Reference};
+use crate::model::Model;
 use crate::onnx::manifest;
 use crate::runtime::{OrtDecoder, StepInput};
 
@@ -90,6 +91,34 @@ pub fn compare(
         mean_kl: kl / n,
         top1: agree as f64 / n,
     })
+}
+
+/// Perplexity of `model` (GGUF or Hugging Face directory) on the first `tokens` tokens of
+/// the text file `path`, through the native reference forward, in windows of `window` as
+/// [`compare`] scores them: the protocol `kiln check` uses, for files other tools made.
+pub fn reference_perplexity(model: &Model, path: &Path, tokens: usize, window: usize) -> Result<f64, CheckError> {
+    let text = std::fs::read_to_string(path).map_err(|source| CheckError::Io { path: path.to_path_buf(), source })?;
+    let ids = model
+        .tokenizer
+        .encode(&text)
+        .map_err(|e| CheckError::Artifact { path: path.to_path_buf(), reason: e.to_string() })?;
+    let ids = &ids[..ids.len().min(tokens)];
+    let r = Reference::new(model);
+    let per: Vec<(f64, usize)> = ids
+        .chunks(window.max(2))
+        .filter(|w| w.len() >= 2)
+        .map(|w| {
+            let mut cache = r.new_cache(w.len());
+            let l = r.forward(w, &mut cache, Logits::All).map_err(|e| CheckError::Run(e.to_string()))?;
+            let nll: f64 = (0..w.len() - 1).map(|t| (logsumexp(l.row(t)) - l[[t, w[t + 1] as usize]]) as f64).sum();
+            Ok((nll, w.len() - 1))
+        })
+        .collect::<Result<_, CheckError>>()?;
+    let (nll, n) = per.iter().fold((0.0, 0), |(a, b), &(x, y)| (a + x, b + y));
+    if n == 0 {
+        return Err(CheckError::Artifact { path: path.to_path_buf(), reason: "too short to score".into() });
+    }
+    Ok((nll / n as f64).exp())
 }
 
 /// Logits `[len, vocab]` of one window run as a single prefill.

@@ -660,10 +660,7 @@ impl Decoder<'_, '_> {
                         .ok_or_else(|| ExportError::Internal("integer scheme".into()))?,
                 };
                 let error = QuantError::between(w.view(), q.dequantize().view());
-                let bits = u64::from(q.bits);
-                let zps = q.zero_points.as_ref().map_or(0, |z| (z.len() as u64 * bits).div_ceil(8));
-                let bytes = (n * bits).div_ceil(8) + q.scales.len() as u64 * 4 + zps;
-                (Stored::Int(q), bytes, error)
+                (Stored::Int(q), scheme.stored_bytes(w.nrows(), w.ncols()), error)
             }
         })
     }

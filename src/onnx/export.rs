@@ -20,8 +20,9 @@ use super::recipe::{Recipe, DEFAULT_MAX_CONTEXT};
 use super::ExportError;
 use crate::model::{default_model_path, Model, SourceKind};
 use crate::quant::awq::{awq_model, awq_scaled};
-use crate::quant::calibrate::{calibration_windows, default_corpora, gptq_model};
-use crate::quant::Method;
+use crate::quant::calibrate::{calibration_windows, default_corpora, gptq_model, CalibrationOptions};
+use crate::quant::sensitivity::{SensitivityOptions, SensitivityTable};
+use crate::quant::{mixed, sensitivity, Method};
 
 /// How to run an export.
 #[derive(Debug, Clone, Default)]
@@ -30,6 +31,8 @@ pub struct ExportOptions {
     pub force: bool,
     /// Write here instead of the recipe's output.
     pub output: Option<PathBuf>,
+    /// Mixed precision within this many bits per weight (replaces the recipe's).
+    pub bits_per_weight: Option<f64>,
 }
 
 /// What an export did.
@@ -76,7 +79,11 @@ pub fn export_recipe(
     opts: &ExportOptions,
     progress: &mut dyn Progress,
 ) -> Result<ExportOutcome, ExportError> {
-    let recipe = Recipe::load(recipe_path)?;
+    let mut recipe = Recipe::load(recipe_path)?;
+    if let Some(b) = opts.bits_per_weight {
+        recipe.quant.bits_per_weight = Some(b);
+        recipe.validate().map_err(|reason| ExportError::Recipe { path: recipe_path.into(), reason })?;
+    }
     let name = recipe_path
         .file_stem()
         .and_then(|s| s.to_str())
@@ -125,6 +132,21 @@ pub fn export(
     };
     let calibrated =
         |method: &str, e: String| ExportError::Recipe { path: PathBuf::from(name), reason: format!("{method}: {e}") };
+    let plan = match recipe.quant.bits_per_weight {
+        None => None,
+        Some(bpw) => {
+            let windows = calibration()?;
+            progress.start("sensitivity", 2 + 7 * config.num_layers);
+            let sens = &recipe.quant.sensitivity;
+            let table =
+                sensitivity::cached(&source_sha, &config, &model.weights, &windows, sens, &mut |_, _| progress.layer())
+                    .map_err(|e| calibrated("sensitivity", e))?;
+            let plan = mixed::plan(&table, &config, bpw, recipe.quant.method.uses_gptq(), &|n| recipe.pinned(n))
+                .map_err(|e| calibrated("mixed precision", e))?;
+            Some((plan, windows))
+        }
+    };
+    let scheme_of = |n: &str| plan.as_ref().and_then(|(p, _)| p.scheme_for(n)).unwrap_or_else(|| recipe.scheme_for(n));
     match recipe.quant.method {
         Method::Rtn => {}
         Method::Gptq => progress.start("GPTQ calibration", config.num_layers),
@@ -136,45 +158,42 @@ pub fn export(
         Method::Rtn => (None, HashMap::new()),
         Method::Gptq => {
             let windows = calibration()?;
-            let q = gptq_model(
-                &config,
-                &model.weights,
-                &windows,
-                &|n| recipe.scheme_for(n),
-                &recipe.quant.gptq,
-                &mut on_layer,
-            )
-            .map_err(|e| calibrated("GPTQ", e))?;
+            let q = gptq_model(&config, &model.weights, &windows, &scheme_of, &recipe.quant.gptq, &mut on_layer)
+                .map_err(|e| calibrated("GPTQ", e))?;
             (None, q)
         }
         Method::Awq => {
             let windows = calibration()?;
-            let (w, q) = awq_model(
-                &config,
-                &model.weights,
-                &windows,
-                &|n| recipe.scheme_for(n),
-                &recipe.quant.awq,
-                &mut on_layer,
-            )
-            .map_err(|e| calibrated("AWQ", e))?;
+            let (w, q) = awq_model(&config, &model.weights, &windows, &scheme_of, &recipe.quant.awq, &mut on_layer)
+                .map_err(|e| calibrated("AWQ", e))?;
             (Some(w), q)
         }
         Method::AwqGptq => {
             let windows = calibration()?;
-            let scheme_for = |n: &str| recipe.scheme_for(n);
-            let w = awq_scaled(&config, &model.weights, &windows, &scheme_for, &recipe.quant.awq, &mut on_layer)
+            let w = awq_scaled(&config, &model.weights, &windows, &scheme_of, &recipe.quant.awq, &mut on_layer)
                 .map_err(|e| calibrated("AWQ", e))?;
-            let q = gptq_model(&config, &w, &windows, &scheme_for, &recipe.quant.gptq, &mut on_layer)
+            let q = gptq_model(&config, &w, &windows, &scheme_of, &recipe.quant.gptq, &mut on_layer)
                 .map_err(|e| calibrated("GPTQ", e))?;
             (Some(w), q)
         }
     };
     let weights = weights.as_ref().unwrap_or(&model.weights);
+    let mixed_precision = match &plan {
+        None => None,
+        Some((plan, windows)) => {
+            let mut plan = plan.clone();
+            let chosen =
+                mixed::reconstructed(&plan, weights, &prequantized).map_err(|e| calibrated("mixed precision", e))?;
+            let kl = sensitivity::model_kl(&config, &model.weights, &chosen, windows, &recipe.quant.sensitivity)
+                .map_err(|e| calibrated("mixed precision", e))?;
+            plan.measured_kl = Some(kl);
+            Some(plan)
+        }
+    };
     progress.start("weights", 2 + 7 * config.num_layers);
     let portable =
         DecoderSource { config: &config, weights, max_context, prequantized: &prequantized, form: GraphForm::Portable };
-    let (graph, tensors) = decoder::build(&portable, &|n| recipe.scheme_for(n), &mut |r| progress.tensor(r))?;
+    let (graph, tensors) = decoder::build(&portable, &scheme_of, &mut |r| progress.tensor(r))?;
 
     let parent = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -197,7 +216,7 @@ pub fn export(
     // The serving graph quantizes the same weights the same way: its initializers are the
     // portable graph's, found in the data file already written.
     let serving = DecoderSource { form: GraphForm::Serving, ..portable };
-    let (serving, _) = decoder::build(&serving, &|n| recipe.scheme_for(n), &mut |_| {})?;
+    let (serving, _) = decoder::build(&serving, &scheme_of, &mut |_| {})?;
     let serving_path = tmp.path().join(manifest::SERVING_FILE);
     let mut serving_out = SyncedFile::create(&serving_path)?;
     let serving_bytes = serving
@@ -247,6 +266,7 @@ pub fn export(
             data_bytes: written.data_bytes,
             by_dtype: by_dtype.into_iter().map(|(d, n)| (format!("{d:?}").to_lowercase(), n)).collect(),
         },
+        mixed_precision,
     };
     let json = serde_json::to_string_pretty(&manifest).map_err(|e| ExportError::Internal(e.to_string()))?;
     write_file(&tmp.path().join(manifest::MANIFEST_FILE), json.as_bytes())?;
@@ -256,6 +276,24 @@ pub fn export(
         manifest: Box::new(manifest),
         seconds: t0.elapsed().as_secs_f64(),
     })
+}
+
+/// The sensitivity table of the model at `source` on the default calibration text, from the
+/// cache when measured before (what `kiln inspect --sensitivity` prints and a
+/// `bits_per_weight` recipe with default settings chooses from).
+pub fn source_sensitivity(
+    source: &Path,
+    opts: &SensitivityOptions,
+    progress: &mut dyn Progress,
+) -> Result<SensitivityTable, ExportError> {
+    let source_sha = hash_source(source)?;
+    let model = Model::load(source)?;
+    let cal = CalibrationOptions::default();
+    let reason = |e: String| ExportError::Recipe { path: source.to_path_buf(), reason: format!("sensitivity: {e}") };
+    let windows = calibration_windows(&model.tokenizer, &default_corpora(), &cal).map_err(reason)?;
+    progress.start("sensitivity", 2 + 7 * model.config.num_layers);
+    sensitivity::cached(&source_sha, &model.config, &model.weights, &windows, opts, &mut |_, _| progress.layer())
+        .map_err(reason)
 }
 
 fn up_to_date(out: &Path, build_hash: &str) -> bool {

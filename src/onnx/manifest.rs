@@ -9,6 +9,7 @@ use super::decoder::TensorReport;
 use super::recipe::Recipe;
 use super::ExportError;
 use crate::model::ModelConfig;
+use crate::quant::mixed::MixedPlan;
 
 /// Artifact format version; bumped when readers must change.
 pub const FORMAT_VERSION: u32 = 3;
@@ -53,6 +54,9 @@ pub struct Manifest {
     pub tensors: Vec<TensorReport>,
     /// File sizes.
     pub sizes: Sizes,
+    /// What automatic mixed precision chose (`bits_per_weight` recipes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mixed_precision: Option<MixedPlan>,
 }
 
 /// Where the weights came from.

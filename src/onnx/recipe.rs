@@ -29,6 +29,10 @@
 //! layout = "per-channel"
 //! symmetric = true
 //!
+//! # bits_per_weight = 6.0     (automatic mixed precision: a scheme per matrix from the
+//! #   sensitivity table, the least predicted loss within the budget; overrides pin theirs;
+//! #   [quant.sensitivity] windows = 2 of tokens = 256 measured, validate = false)
+//!
 //! [check]                     # thresholds for `kiln check`
 //! max_ppl_increase = 0.03
 //! ```
@@ -41,6 +45,7 @@ use super::ExportError;
 use crate::quant::awq::AwqOptions;
 use crate::quant::calibrate::CalibrationOptions;
 use crate::quant::gptq::GptqOptions;
+use crate::quant::sensitivity::SensitivityOptions;
 use crate::quant::{Layout, Method, Precision, Scheme};
 
 /// The longest context a default export covers (rotary tables are sized to it).
@@ -101,9 +106,17 @@ pub struct QuantRecipe {
     /// AWQ settings (`method = "awq"` or `"awq+gptq"`).
     #[serde(default)]
     pub awq: AwqOptions,
-    /// Calibration text (every method but `"rtn"`).
+    /// Calibration text (every method but `"rtn"`, and mixed precision).
     #[serde(default)]
     pub calibration: CalibrationOptions,
+    /// Automatic mixed precision: each matrix's scheme is chosen from the sensitivity table
+    /// to minimize the predicted loss within this many bits per weight; matrices an
+    /// override matches keep the override's scheme.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bits_per_weight: Option<f64>,
+    /// How the sensitivity table is measured (`bits_per_weight` only).
+    #[serde(default)]
+    pub sensitivity: SensitivityOptions,
 }
 
 /// One `[[quant.override]]` entry.
@@ -170,7 +183,8 @@ impl Recipe {
         Ok(recipe)
     }
 
-    fn validate(&self) -> Result<(), String> {
+    /// Checks the fields together; `Err` names the field.
+    pub(super) fn validate(&self) -> Result<(), String> {
         if self.layers == Some(0) {
             return Err("layers = 0: keep at least one layer".into());
         }
@@ -190,6 +204,17 @@ impl Recipe {
             let (a, c) = (&self.quant.awq, &self.quant.calibration);
             if a.grid == 0 || a.samples == 0 || c.windows == 0 || c.window < 2 {
                 return Err("[quant.awq] grid/samples and [quant.calibration] windows/window must be positive".into());
+            }
+        }
+        if let Some(b) = self.quant.bits_per_weight {
+            if !(b.is_finite() && (1.0..=32.0).contains(&b)) {
+                return Err(format!("[quant] bits_per_weight = {b} must lie in [1, 32]"));
+            }
+            let c = &self.quant.calibration;
+            if self.quant.sensitivity.windows == 0 || c.windows == 0 || c.window < 2 {
+                return Err(
+                    "[quant.sensitivity] windows and [quant.calibration] windows/window must be positive".into()
+                );
             }
         }
         self.base().validate().map_err(|e| format!("[quant]: {e}"))?;
@@ -214,6 +239,11 @@ impl Recipe {
             symmetric: q.symmetric,
             clip_search: q.clip_search,
         }
+    }
+
+    /// The scheme an override gives `name`, if any matches (what mixed precision keeps).
+    pub fn pinned(&self, name: &str) -> Option<Scheme> {
+        self.quant.overrides.iter().any(|o| glob_match(&o.pattern, name)).then(|| self.scheme_for(name))
     }
 
     /// The scheme of tensor `name`: the base, then every matching override in order.

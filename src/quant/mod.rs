@@ -13,7 +13,9 @@
 pub mod awq;
 pub mod calibrate;
 pub mod gptq;
+pub mod mixed;
 mod rtn;
+pub mod sensitivity;
 pub mod study;
 
 use ndarray::{Array2, ArrayView2};
@@ -127,6 +129,22 @@ impl Scheme {
             ));
         }
         Ok(())
+    }
+
+    /// Bytes a `[rows, cols]` matrix takes stored in this scheme: packed codes, f32 scales
+    /// and packed zero points (what the exporter writes).
+    pub fn stored_bytes(&self, rows: usize, cols: usize) -> u64 {
+        let n = (rows * cols) as u64;
+        let Some(bits) = self.precision.bits() else {
+            return n * if self.precision == Precision::Fp16 { 2 } else { 4 };
+        };
+        let groups = match self.layout {
+            Layout::PerTensor => 1,
+            Layout::PerChannel => rows,
+            Layout::Blocked => rows * cols.div_ceil(self.block_size.max(1)),
+        } as u64;
+        let zps = if self.symmetric { 0 } else { (groups * u64::from(bits)).div_ceil(8) };
+        (n * u64::from(bits)).div_ceil(8) + groups * 4 + zps
     }
 
     /// A short name such as `int4-b32-zp`, `int8-pc-sym`, `fp32`.
