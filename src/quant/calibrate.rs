@@ -160,7 +160,7 @@ pub(crate) fn observe_layer<S: Send>(
 }
 
 /// The site whose input a projection reads.
-fn site_of(projection: &str) -> Site {
+pub(crate) fn site_of(projection: &str) -> Site {
     match projection {
         "self_attn.o_proj" => Site::Output,
         "mlp.gate_proj" | "mlp.up_proj" => Site::Mlp,

@@ -20,7 +20,7 @@ use ndarray::{Array2, ArrayView2};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::calibrate::observe_layer;
+use super::calibrate::{observe_layer, site_of};
 use super::gptq::{gptq, GptqOptions, Hessian};
 use super::{quantize, Layout, Precision, Scheme};
 use crate::model::reference::{logsumexp, rms_norm, Reference, Site};
@@ -302,16 +302,6 @@ fn reconstruct(
         _ => quantize(w, &c.scheme).ok_or("an integer scheme")?,
     };
     Ok(q.dequantize())
-}
-
-/// The site whose input projection `name` (`self_attn.q_proj`, …) reads.
-fn site_of(projection: &str) -> Site {
-    match projection {
-        "self_attn.o_proj" => Site::Output,
-        "mlp.gate_proj" | "mlp.up_proj" => Site::Mlp,
-        "mlp.down_proj" => Site::Down,
-        _ => Site::Attention,
-    }
 }
 
 /// The costs of `w` under every candidate from its inputs' Hessian `h`; the candidates
