@@ -9,7 +9,7 @@ use super::artifact::ArtifactFiles;
 use super::lowering::unpack_codes;
 use super::CheckError;
 use crate::onnx::decoder::TensorReport;
-use crate::quant::{Layout, QuantError};
+use crate::quant::{Layout, Precision, QuantError};
 
 /// Recomputed errors may differ from the recorded ones by summation order only.
 const SAME_ERROR: f64 = 1e-4;
@@ -65,6 +65,23 @@ pub fn compare(candidate: &ArtifactFiles, baseline: &ArtifactFiles) -> Result<In
             Some(z) => Some(unpack_codes(z, &candidate.bytes(z)?)?),
             None => None,
         };
+        // NF4: the level table the file itself carries.
+        let levels: Option<Vec<f32>> = match t.scheme.precision {
+            Precision::Nf4 => {
+                let name = format!("{stored}.levels");
+                let l = candidate.initializer(&name).ok_or_else(|| missing(&name))?;
+                let values: Vec<f32> =
+                    candidate.bytes(l)?.as_chunks::<4>().0.iter().map(|b| f32::from_le_bytes(*b)).collect();
+                if values.len() != 16 {
+                    return Err(CheckError::Artifact {
+                        path: candidate.dir.join("model.onnx"),
+                        reason: format!("{name}: {} levels, 16 expected", values.len()),
+                    });
+                }
+                Some(values)
+            }
+            _ => None,
+        };
         let shape_error = || CheckError::Artifact {
             path: candidate.dir.join("model.onnx"),
             reason: format!(
@@ -108,8 +125,11 @@ pub fn compare(candidate: &ArtifactFiles, baseline: &ArtifactFiles) -> Result<In
             for c in c0..c1 {
                 let k = index(r, c);
                 let code = codes[r * cols + c];
-                let centered =
-                    if signed { code as i8 as f32 } else { code as f32 - zps.as_ref().map_or(0.0, |z| z[k] as f32) };
+                let centered = match &levels {
+                    Some(levels) => levels[usize::from(code & 0x0F)],
+                    None if signed => code as i8 as f32,
+                    None => code as f32 - zps.as_ref().map_or(0.0, |z| z[k] as f32),
+                };
                 let scale = *scales.get(k).ok_or_else(|| CheckError::Artifact {
                     path: candidate.dir.join("model.onnx"),
                     reason: format!("{}: {} scales, index {k} needed", t.name, scales.len()),

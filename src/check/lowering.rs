@@ -29,8 +29,9 @@ const INT8: i32 = pb::tensor_proto::DataType::Int8 as i32;
 const UINT8: i32 = pb::tensor_proto::DataType::Uint8 as i32;
 const FLOAT: i32 = pb::tensor_proto::DataType::Float as i32;
 
-/// Lowers DequantizeLinear nodes of `graph` per `which`; `external` reads the bytes of an
-/// initializer stored outside the graph. Returns how many nodes were lowered.
+/// Lowers DequantizeLinear nodes of `graph` per `which`, and widens any other 4-bit
+/// initializer to 8 bits; `external` reads the bytes of an initializer stored outside the
+/// graph. Returns how many DequantizeLinear nodes were lowered.
 pub fn lower_dequantize(
     graph: &mut pb::GraphProto,
     which: Lowering,
@@ -70,6 +71,12 @@ pub fn lower_dequantize(
     let keep: Vec<bool> = graph.initializer.iter().map(|t| used.contains(t.name.as_str())).collect();
     let mut keep = keep.into_iter();
     graph.initializer.retain(|_| keep.next().unwrap_or(true));
+    // 4-bit codes read by other ops (NF4's Cast → Gather from its level table) widen to a
+    // byte each, same values.
+    for t in graph.initializer.iter_mut().filter(|t| matches!(t.data_type, INT4 | UINT4)) {
+        let (data_type, codes) = unpack(t, external)?;
+        *t = tensor(std::mem::take(&mut t.name), data_type, std::mem::take(&mut t.dims), codes);
+    }
     Ok(lowered)
 }
 

@@ -653,7 +653,7 @@ impl Decoder<'_, '_> {
                 let error = QuantError::between(w.view(), back.view());
                 (Stored::Float(w.clone()), n * 2, error)
             }
-            Precision::Int8 | Precision::Int4 => {
+            Precision::Int8 | Precision::Int4 | Precision::Nf4 => {
                 let q = match self.prequantized.get(name) {
                     Some(q) => q.clone(),
                     None => quant::quantize(w.view(), &scheme)
@@ -687,6 +687,9 @@ impl Decoder<'_, '_> {
     /// then DequantizeLinear: per tensor (scalar scale), per channel (axis 1, one scale per
     /// output), or blocked along the input dimension (axis 0, `block_size`).
     fn dequantize_linear(&mut self, name: &str, q: &Quantized) -> Result<String, ExportError> {
+        if let Some(levels) = q.levels {
+            return self.level_table(name, q, levels);
+        }
         let (out, inp) = q.codes.dim();
         let codes: Vec<u8> = q.codes.t().iter().copied().collect();
         let (scales, scale_dims, attrs): (Vec<f32>, Vec<usize>, Vec<(&str, Attr)>) = match q.layout {
@@ -726,6 +729,33 @@ impl Decoder<'_, '_> {
         Ok(self.g.op("DequantizeLinear", &format!("/weights/{name}/DequantizeLinear"), &refs, &attrs))
     }
 
+    /// NF4 codes of `W` `[out, in]` (blocked along `in`) stored transposed as UINT4 `[in, out]`
+    /// with the level table `{name}.levels` `[16]` and the scales `{name}.scale`
+    /// `[blocks, out]`, in standard ops: `Gather(levels, Cast(codes → int32))` times the
+    /// scales gathered for each input by its block, `Range(0, in, 1) / block`.
+    fn level_table(&mut self, name: &str, q: &Quantized, levels: &[f32; 16]) -> Result<String, ExportError> {
+        let (out, inp) = q.codes.dim();
+        if q.layout != Layout::Blocked || q.zero_points.is_some() {
+            return Err(ExportError::Internal(format!("{name}: a level table needs blocked scales, no zero points")));
+        }
+        let codes: Vec<u8> = q.codes.t().iter().copied().collect();
+        let g = &mut self.g;
+        let c = g.initializer(name, TensorData::bytes4(DType::U4, &[inp, out], &codes));
+        let l = g.initializer(&format!("{name}.levels"), TensorData::f32(&[16], levels));
+        let scales: Vec<f32> = q.scales.t().iter().copied().collect();
+        let s = g.initializer(&format!("{name}.scale"), TensorData::f32(&[q.scales.ncols(), out], &scales));
+        let p = format!("/weights/{name}");
+        let to_i32 = ("to", Attr::Int(DType::I32.onnx() as i64));
+        let index = g.op("Cast", &format!("{p}/Cast"), &[&c], &[to_i32]);
+        let values = g.op("Gather", &format!("{p}/levels/Gather"), &[&l, &index], &[]);
+        let (zero, inputs, one, block) =
+            (g.scalar_i64(0), g.scalar_i64(inp as i64), g.scalar_i64(1), g.scalar_i64(q.group as i64));
+        let input = g.op("Range", &format!("{p}/Range"), &[&zero, &inputs, &one], &[]);
+        let block_of_input = g.op("Div", &format!("{p}/Div"), &[&input, &block], &[]);
+        let scale = g.op("Gather", &format!("{p}/scale/Gather"), &[&s, &block_of_input], &[]);
+        Ok(g.op("Mul", &format!("{p}/Mul"), &[&values, &scale], &[]))
+    }
+
     /// Token embedding: Gather rows (of f32, f16, or integer codes with their scales).
     fn embedding(&mut self, table: &Array2<f32>, ids: &str, scheme: Scheme) -> Result<String, ExportError> {
         let name = "model.embed_tokens.weight";
@@ -751,7 +781,7 @@ impl Decoder<'_, '_> {
                 let rows = self.g.op("Gather", &format!("{p}/Gather"), &[&t, ids], &[]);
                 (self.g.op("Cast", &format!("{p}/Cast"), &[&rows], &[to_f32]), data.len() as u64 * 2, error)
             }
-            Precision::Int4 => {
+            Precision::Int4 | Precision::Nf4 => {
                 return Err(ExportError::Scheme {
                     tensor: name.into(),
                     reason: "4-bit embeddings are not supported (ONNX Gather cannot read 4-bit tensors); \
@@ -884,6 +914,7 @@ fn concat(parts: Vec<Stored>) -> Result<Stored, ExportError> {
         zero_points,
         layout: first.layout,
         group: first.group,
+        levels: first.levels,
     }))
 }
 

@@ -10,7 +10,7 @@
 //!
 //! [quant]
 //! method = "rtn"
-//! precision = "int4"          # fp32 | fp16 | int8 | int4
+//! precision = "int4"          # fp32 | fp16 | int8 | int4 | nf4 (blocked, symmetric)
 //! layout = "blocked"          # per-tensor | per-channel | blocked
 //! block_size = 32
 //! symmetric = false           # false: unsigned codes with zero points

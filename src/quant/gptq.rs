@@ -84,12 +84,11 @@ const ROW_CHUNK: usize = 64;
 /// Quantizes `w` `[out, in]` with `scheme` (an integer precision) using the Hessian `h`
 /// `[in, in]` of its inputs. `Err` when H stays singular even after extra dampening.
 pub fn gptq(w: ArrayView2<f32>, h: &Array2<f64>, scheme: &Scheme, opts: &GptqOptions) -> Result<Quantized, String> {
-    let bits = scheme.precision.bits().ok_or("GPTQ needs an integer precision")?;
+    let params = GroupParams::of(scheme).ok_or("GPTQ needs an integer precision")?;
     let (rows, cols) = w.dim();
     if h.dim() != (cols, cols) {
         return Err(format!("Hessian is {:?}, the weight has {cols} inputs", h.dim()));
     }
-    let params = GroupParams { bits, symmetric: scheme.symmetric, clip_search: scheme.clip_search };
     let group = match scheme.layout {
         Layout::Blocked => scheme.block_size.min(cols).max(1),
         _ => cols,
@@ -197,13 +196,14 @@ pub fn gptq(w: ArrayView2<f32>, h: &Array2<f64>, scheme: &Scheme, opts: &GptqOpt
     let scales = scales.slice(s![..scale_rows, ..stored_groups]).to_owned();
     let zps = zps.slice(s![..scale_rows, ..stored_groups]).to_owned();
     Ok(Quantized {
-        bits,
-        signed: scheme.symmetric,
+        bits: params.bits,
+        signed: params.signed(),
         codes,
         scales,
         zero_points: (!scheme.symmetric).then_some(zps),
         layout: scheme.layout,
         group: if scheme.layout == Layout::PerTensor { rows * cols } else { group },
+        levels: params.levels,
     })
 }
 

@@ -66,14 +66,39 @@ pub enum Precision {
     Int8,
     /// 4-bit integers (INT4 symmetric, UINT4 with zero points).
     Int4,
+    /// QLoRA's NormalFloat: 4-bit codes naming one of the 16 [`NF4_LEVELS`], times a
+    /// per-block absmax scale (no zero points).
+    Nf4,
 }
+
+/// The 16 NormalFloat-4 values (QLoRA, Dettmers et al. 2023, appendix E): quantiles of a
+/// standard normal scaled to [-1, 1], with an exact zero. Code `c` stands for
+/// `NF4_LEVELS[c] × scale`.
+pub const NF4_LEVELS: [f32; 16] = [
+    -1.0,
+    -0.696_192_8,
+    -0.525_073_05,
+    -0.394_917_5,
+    -0.284_441_38,
+    -0.184_773_43,
+    -0.091_050_036,
+    0.0,
+    0.079_580_3,
+    0.160_930_2,
+    0.246_112_3,
+    0.337_915_24,
+    0.440_709_83,
+    0.562_617,
+    0.722_956_84,
+    1.0,
+];
 
 impl Precision {
     /// Bits per integer code, or `None` for float precisions.
     pub fn bits(self) -> Option<u32> {
         match self {
             Precision::Int8 => Some(8),
-            Precision::Int4 => Some(4),
+            Precision::Int4 | Precision::Nf4 => Some(4),
             Precision::Fp32 | Precision::Fp16 => None,
         }
     }
@@ -122,6 +147,11 @@ impl Scheme {
         if self.precision.bits().is_none() {
             return Ok(());
         }
+        if self.precision == Precision::Nf4 && (self.layout != Layout::Blocked || !self.symmetric) {
+            return Err("precision = \"nf4\" needs layout = \"blocked\" and symmetric = true (absmax \
+                        scales per block, no zero points)"
+                .into());
+        }
         if self.layout == Layout::Blocked && !(self.block_size >= 2 && self.block_size.is_power_of_two()) {
             return Err(format!(
                 "block_size = {} must be a power of two of at least 2 (e.g. 32, 64, 128)",
@@ -144,7 +174,8 @@ impl Scheme {
             Layout::Blocked => rows * cols.div_ceil(self.block_size.max(1)),
         } as u64;
         let zps = if self.symmetric { 0 } else { (groups * u64::from(bits)).div_ceil(8) };
-        (n * u64::from(bits)).div_ceil(8) + groups * 4 + zps
+        let levels = if self.precision == Precision::Nf4 { 16 * 4 } else { 0 };
+        (n * u64::from(bits)).div_ceil(8) + groups * 4 + zps + levels
     }
 
     /// A short name such as `int4-b32-zp`, `int8-pc-sym`, `fp32`.
@@ -154,6 +185,9 @@ impl Scheme {
             Precision::Fp16 => return "fp16".into(),
             Precision::Int8 => "int8",
             Precision::Int4 => "int4",
+            Precision::Nf4 => {
+                return format!("nf4-b{}{}", self.block_size, if self.clip_search { "-clip" } else { "" })
+            }
         };
         let layout = match self.layout {
             Layout::PerTensor => "pt".to_string(),
@@ -184,6 +218,9 @@ pub struct Quantized {
     pub layout: Layout,
     /// Values per group along a row (`cols` per channel, the block size when blocked).
     pub group: usize,
+    /// The values codes stand for before scaling ([`NF4_LEVELS`]); `None`: codes are
+    /// integers (minus their zero points).
+    pub levels: Option<&'static [f32; 16]>,
 }
 
 impl Quantized {
@@ -211,7 +248,11 @@ impl Quantized {
     pub fn dequantize(&self) -> Array2<f32> {
         Array2::from_shape_fn(self.codes.dim(), |(r, c)| {
             let (sr, sc) = self.scale_index(r, c);
-            self.centered(r, c) as f32 * self.scales[[sr, sc]]
+            let value = match self.levels {
+                Some(levels) => levels[usize::from(self.codes[[r, c]] & 0x0F)],
+                None => self.centered(r, c) as f32,
+            };
+            value * self.scales[[sr, sc]]
         })
     }
 }

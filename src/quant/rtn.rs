@@ -4,7 +4,7 @@
 use ndarray::{s, Array2, ArrayView2};
 use rayon::prelude::*;
 
-use super::{Layout, Quantized, Scheme};
+use super::{Layout, Precision, Quantized, Scheme, NF4_LEVELS};
 
 /// Clipping ratios tried by the search: the full range down to half of it.
 const CLIP_STEPS: usize = 20;
@@ -68,7 +68,7 @@ type GroupFn<'a> = dyn Fn(usize, &[f32], &mut [u8], &GroupParams) -> (f32, u8) +
 
 /// Splits `w` into the scheme's groups and quantizes each with `quantize_group`.
 fn quantize_groups(w: ArrayView2<f32>, scheme: &Scheme, quantize_group: &GroupFn<'_>) -> Option<Quantized> {
-    let bits = scheme.precision.bits()?;
+    let params = GroupParams::of(scheme)?;
     let (rows, cols) = w.dim();
     let group = match scheme.layout {
         Layout::PerTensor => rows * cols,
@@ -79,7 +79,6 @@ fn quantize_groups(w: ArrayView2<f32>, scheme: &Scheme, quantize_group: &GroupFn
         Layout::PerTensor => 1,
         _ => cols.div_ceil(group),
     };
-    let params = GroupParams { bits, symmetric: scheme.symmetric, clip_search: scheme.clip_search };
     let data: Vec<f32> = w.iter().copied().collect();
     let mut codes = vec![0u8; rows * cols];
     let (scales, zero_points): (Vec<f32>, Vec<u8>) = if scheme.layout == Layout::PerTensor {
@@ -102,14 +101,15 @@ fn quantize_groups(w: ArrayView2<f32>, scheme: &Scheme, quantize_group: &GroupFn
     let scale_rows = if scheme.layout == Layout::PerTensor { 1 } else { rows };
     let shape = (scale_rows, groups_per_row);
     Some(Quantized {
-        bits,
-        signed: scheme.symmetric,
+        bits: params.bits,
+        signed: params.signed(),
         codes: Array2::from_shape_vec((rows, cols), codes).expect("rows × cols codes"),
         scales: Array2::from_shape_vec(shape, scales).expect("one scale per group"),
         zero_points: (!scheme.symmetric)
             .then(|| Array2::from_shape_vec(shape, zero_points).expect("one zero point per group")),
         layout: scheme.layout,
         group,
+        levels: params.levels,
     })
 }
 
@@ -119,9 +119,26 @@ pub(crate) struct GroupParams {
     pub(crate) bits: u32,
     pub(crate) symmetric: bool,
     pub(crate) clip_search: bool,
+    /// The values codes stand for, times the scale (NF4); `None`: evenly spaced integers.
+    pub(crate) levels: Option<&'static [f32; 16]>,
 }
 
 impl GroupParams {
+    /// The parameters of `scheme`; `None` for float precisions.
+    pub(crate) fn of(scheme: &Scheme) -> Option<Self> {
+        Some(GroupParams {
+            bits: scheme.precision.bits()?,
+            symmetric: scheme.symmetric,
+            clip_search: scheme.clip_search,
+            levels: (scheme.precision == Precision::Nf4).then_some(&NF4_LEVELS),
+        })
+    }
+
+    /// Whether codes are signed integers (stored as INT4/INT8).
+    pub(crate) fn signed(&self) -> bool {
+        self.symmetric && self.levels.is_none()
+    }
+
     /// Quantizes one group into `out`; returns its scale and zero point (0 when symmetric).
     pub(crate) fn quantize_group(&self, values: &[f32], out: &mut [u8]) -> (f32, u8) {
         self.quantize_group_by(values, out, self.clip_search, &|d| d.iter().map(|x| x * x).sum())
@@ -169,7 +186,10 @@ impl GroupParams {
     /// Scale and zero point covering `values` shrunk by `ratio`.
     fn range(&self, values: &[f32], ratio: f32) -> (f32, u8) {
         let nonzero = |s: f32| if s > 0.0 && s.is_finite() { s } else { 1.0 };
-        if self.symmetric {
+        if self.levels.is_some() {
+            // The levels span [-1, 1]: the scale is the absmax.
+            (nonzero(values.iter().fold(0f32, |m, v| m.max(v.abs())) * ratio), 0)
+        } else if self.symmetric {
             let qmax = ((1i32 << (self.bits - 1)) - 1) as f32;
             let absmax = values.iter().fold(0f32, |m, v| m.max(v.abs())) * ratio;
             (nonzero(absmax / qmax), 0)
@@ -184,6 +204,9 @@ impl GroupParams {
     }
 
     pub(crate) fn code(&self, v: f32, scale: f32, zp: u8) -> u8 {
+        if let Some(levels) = self.levels {
+            return nearest_level(levels, v / scale);
+        }
         let q = (v / scale).round_ties_even();
         if self.symmetric {
             let qmax = ((1i32 << (self.bits - 1)) - 1) as f32;
@@ -195,11 +218,26 @@ impl GroupParams {
     }
 
     pub(crate) fn dequant(&self, code: u8, scale: f32, zp: u8) -> f32 {
-        if self.symmetric {
+        if let Some(levels) = self.levels {
+            levels[usize::from(code & 0x0F)] * scale
+        } else if self.symmetric {
             code as i8 as f32 * scale
         } else {
             (code as f32 - zp as f32) * scale
         }
+    }
+}
+
+/// The index of the level nearest `x` among ascending `levels` (the lower one on a tie; NaN
+/// gives the zero level's neighbour below, harmlessly).
+fn nearest_level(levels: &[f32; 16], x: f32) -> u8 {
+    // Levels above x: the nearest is that boundary or the one below it.
+    let above = levels.partition_point(|&l| l < x).min(15);
+    let below = above.saturating_sub(1);
+    if (x - levels[below]).abs() <= (levels[above] - x).abs() {
+        below as u8
+    } else {
+        above as u8
     }
 }
 
@@ -326,6 +364,89 @@ mod tests {
         // Other layouts fall back to plain round-to-nearest.
         let pc = scheme(Precision::Int8, Layout::PerChannel, 0, true);
         assert_eq!(quantize_for_inputs(w.view(), &pc, x.view()), quantize(w.view(), &pc));
+    }
+
+    /// Φ⁻¹(p) by bisection on Φ(x) = erfc(-x/√2)/2, erfc from its continued fraction
+    /// (independent of the table under test; 1e-12 in x).
+    fn normal_quantile(p: f64) -> f64 {
+        fn erfc(x: f64) -> f64 {
+            if x < 0.0 {
+                return 2.0 - erfc(-x);
+            }
+            if x < 2.0 {
+                // erf by its Taylor series.
+                let (mut term, mut sum, mut n) = (x, x, 0.0);
+                while term.abs() > 1e-17 {
+                    n += 1.0;
+                    term *= -x * x / n;
+                    sum += term / (2.0 * n + 1.0);
+                }
+                return 1.0 - 2.0 / std::f64::consts::PI.sqrt() * sum;
+            }
+            // Lentz's continued fraction for x ≥ 2.
+            let mut f = x;
+            for k in (1..60).rev() {
+                f = x + k as f64 / 2.0 / f;
+            }
+            (-x * x).exp() / std::f64::consts::PI.sqrt() / f
+        }
+        let (mut lo, mut hi) = (-10.0, 10.0);
+        while hi - lo > 1e-12 {
+            let mid = (lo + hi) / 2.0;
+            if erfc(-mid / std::f64::consts::SQRT_2) / 2.0 < p {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        (lo + hi) / 2.0
+    }
+
+    #[test]
+    fn nf4_levels_are_qloras_normal_quantiles() {
+        // QLoRA: 8 positive quantiles at p evenly from the offset ((1 − 1/30 + 1 − 1/32) / 2)
+        // down to 0.5 (exclusive), 7 negative ones likewise, and zero; scaled so the largest
+        // is 1.
+        let offset = (1.0 - 1.0 / 30.0 + 1.0 - 1.0 / 32.0) / 2.0;
+        let side = |count: usize| -> Vec<f64> {
+            (0..count).map(|i| normal_quantile(offset + (0.5 - offset) * i as f64 / count as f64)).collect()
+        };
+        let (positive, negative) = (side(8), side(7));
+        let max = positive[0];
+        let mut want: Vec<f64> = negative.iter().map(|v| -v / max).collect();
+        want.push(0.0);
+        want.extend(positive.iter().rev().map(|v| v / max));
+        for (i, (&l, w)) in NF4_LEVELS.iter().zip(&want).enumerate() {
+            assert!((f64::from(l) - w).abs() < 2e-6, "level {i}: {l} vs {w}");
+        }
+    }
+
+    #[test]
+    fn nf4_codes_name_the_nearest_level_of_each_block() {
+        let s = scheme(Precision::Nf4, Layout::Blocked, 4, true);
+        // Block 0: absmax 2 → levels × 2; block 1: absmax 0.5, a value exactly on a level.
+        let w = array![[2.0, -2.0, 0.1, 0.9, 0.5, -0.5 * 0.394_917_5, 0.0, 0.01]];
+        let q = quantize(w.view(), &s).expect("nf4 quantizes");
+        assert_eq!((q.signed, q.zero_points.is_none(), q.levels), (false, true, Some(&NF4_LEVELS)));
+        assert_eq!(q.scales.row(0).to_vec(), [2.0, 0.5]);
+        // 0.1 / 2 = 0.05: between 0 (7) and 0.0796 (8), nearer 0.0796; 0.45 → 0.4407 (12).
+        assert_eq!(q.codes.row(0).to_vec(), [15, 0, 8, 12, 15, 3, 7, 7]);
+        let back = q.dequantize();
+        assert_eq!(back[[0, 5]], NF4_LEVELS[3] * 0.5, "a level times its scale is exact");
+        assert_eq!(back[[0, 0]], 2.0);
+        // Every value decodes to the level nearest it.
+        for (c, (&v, &b)) in w.row(0).iter().zip(back.row(0)).enumerate() {
+            let scale = q.scales[[0, c / 4]];
+            let best = NF4_LEVELS.iter().map(|l| (l * scale - v).abs()).fold(f32::INFINITY, f32::min);
+            assert!(((b - v).abs() - best).abs() < 1e-7, "column {c}");
+        }
+        assert_eq!(s.label(), "nf4-b4");
+        // Codes, f32 scales and the 16-level table.
+        assert_eq!(s.stored_bytes(1, 8), 4 + 2 * 4 + 64);
+        let zp = Scheme { symmetric: false, ..s };
+        assert!(zp.validate().expect_err("refused").contains("symmetric = true"));
+        let pc = Scheme { layout: Layout::PerChannel, ..s };
+        assert!(pc.validate().expect_err("refused").contains("blocked"));
     }
 
     #[test]

@@ -41,20 +41,64 @@ pub fn available() -> bool {
 
 /// Rewrites every `DequantizeLinear(W) → MatMul(A, ·)` of `graph` whose weight is a 2-D 4- or
 /// 8-bit initializer, dequantized per tensor, per output column or in blocks along the inputs
-/// (a multiple of 32), into one [`OP`] node in `domain`. Other pairs stay for ONNX Runtime.
+/// (a multiple of 32), and every NF4 weight the exporter writes (see [`level_tables`]), into
+/// one [`OP`] node in `domain`. Other pairs stay for ONNX Runtime.
 pub fn fuse(graph: &mut pb::GraphProto, domain: &str) {
+    let mut rewrites = dequantized(graph);
+    rewrites.extend(level_tables(graph));
+    let mut dead = Vec::new();
+    for r in rewrites {
+        let matmul = &mut graph.node[r.matmul];
+        matmul.op_type = OP.into();
+        matmul.domain = domain.into();
+        matmul.input = [matmul.input[0].clone()].into_iter().chain(r.inputs).collect();
+        matmul.attribute = r.attributes;
+        dead.extend(r.replaced);
+    }
+    dead.sort_unstable();
+    dead.dedup();
+    for d in dead.into_iter().rev() {
+        graph.node.remove(d);
+    }
+}
+
+/// One MatMul to become [`OP`]: its new inputs after the activations and attributes, and the
+/// nodes that computed its weight.
+struct Rewrite {
+    matmul: usize,
+    replaced: Vec<usize>,
+    inputs: Vec<String>,
+    attributes: Vec<pb::AttributeProto>,
+}
+
+/// Uses of a value by nodes and as a graph output.
+fn uses(graph: &pb::GraphProto, name: &str) -> usize {
+    graph.node.iter().flat_map(|n| &n.input).filter(|i| *i == name).count()
+        + graph.output.iter().filter(|o| o.name == name).count()
+}
+
+/// The MatMul that alone reads `value` as its weight.
+fn weight_consumer(graph: &pb::GraphProto, value: &str) -> Option<usize> {
+    let m = graph
+        .node
+        .iter()
+        .position(|n| n.op_type == "MatMul" && n.domain.is_empty() && n.input.len() == 2 && n.input[1] == value)?;
+    (uses(graph, value) == 1).then_some(m)
+}
+
+fn int_attr(node: &pb::NodeProto, name: &str) -> Option<i64> {
+    node.attribute.iter().find(|a| a.name == name).map(|a| a.i)
+}
+
+/// `DequantizeLinear → MatMul` pairs the kernel computes.
+fn dequantized(graph: &pb::GraphProto) -> Vec<Rewrite> {
     let weights: std::collections::HashSet<&str> = graph
         .initializer
         .iter()
         .filter(|t| t.dims.len() == 2 && Storage::of(t.data_type).is_some())
         .map(|t| t.name.as_str())
         .collect();
-    // Uses of a value by nodes and as a graph output.
-    let uses = |name: &str| {
-        graph.node.iter().flat_map(|n| &n.input).filter(|i| *i == name).count()
-            + graph.output.iter().filter(|o| o.name == name).count()
-    };
-    let mut fused = Vec::new();
+    let mut rewrites = Vec::new();
     for (d, dq) in graph.node.iter().enumerate() {
         if dq.op_type != "DequantizeLinear" || !dq.domain.is_empty() || dq.output.len() != 1 {
             continue;
@@ -62,8 +106,7 @@ pub fn fuse(graph: &mut pb::GraphProto, domain: &str) {
         if !dq.input.first().is_some_and(|w| weights.contains(w.as_str())) {
             continue;
         }
-        let int = |name: &str| dq.attribute.iter().find(|a| a.name == name).map(|a| a.i);
-        let (axis, block) = (int("axis").unwrap_or(1), int("block_size").unwrap_or(0));
+        let (axis, block) = (int_attr(dq, "axis").unwrap_or(1), int_attr(dq, "block_size").unwrap_or(0));
         let scale_rank = graph.initializer.iter().find(|t| Some(&t.name) == dq.input.get(1)).map(|t| t.dims.len());
         let constant =
             |i: usize| dq.input.get(i).is_none_or(|x| x.is_empty() || graph.initializer.iter().any(|t| t.name == *x));
@@ -73,30 +116,104 @@ pub fn fuse(graph: &mut pb::GraphProto, domain: &str) {
                 (Some(2), 0) => block > 0 && (block as usize).is_multiple_of(BLOCK),
                 _ => false,
             };
-        let out = &dq.output[0];
-        let consumer = graph
-            .node
-            .iter()
-            .position(|n| n.op_type == "MatMul" && n.domain.is_empty() && n.input.len() == 2 && n.input[1] == *out);
-        if let (true, Some(m), 1) = (supported, consumer, uses(out)) {
-            fused.push((d, m));
+        if let (true, Some(m)) = (supported, weight_consumer(graph, &dq.output[0])) {
+            rewrites.push(Rewrite {
+                matmul: m,
+                replaced: vec![d],
+                inputs: dq.input.clone(),
+                attributes: dq
+                    .attribute
+                    .iter()
+                    .filter(|a| a.name == "axis" || a.name == "block_size")
+                    .cloned()
+                    .collect(),
+            });
         }
     }
-    let mut dead = Vec::new();
-    for (d, m) in fused {
-        let dq = graph.node[d].clone();
-        let matmul = &mut graph.node[m];
-        matmul.op_type = OP.into();
-        matmul.domain = domain.into();
-        matmul.input = [matmul.input[0].clone()].into_iter().chain(dq.input.iter().cloned()).collect();
-        matmul.attribute =
-            dq.attribute.iter().filter(|a| a.name == "axis" || a.name == "block_size").cloned().collect();
-        dead.push(d);
+    rewrites
+}
+
+/// NF4 weights as the exporter writes them, `MatMul(A, Mul(Gather(levels, Cast(codes)),
+/// Gather(scale, Div(Range(0, inputs, 1), block))))` with constant UINT4 codes `[inputs,
+/// outputs]`, 16 f32 levels and f32 scales `[blocks, outputs]`, blocks a multiple of 32. The
+/// kernel gets the codes and scales as inputs, the levels and block as attributes.
+fn level_tables(graph: &pb::GraphProto) -> Vec<Rewrite> {
+    let init = |name: &str| graph.initializer.iter().find(|t| t.name == name);
+    // The node computing `value`, of type `op`, read by nothing else.
+    let made_by = |value: &str, op: &str| -> Option<(usize, &pb::NodeProto)> {
+        let (i, n) = graph.node.iter().enumerate().find(|(_, n)| n.output.iter().any(|o| o == value))?;
+        (n.op_type == op && n.domain.is_empty() && n.output.len() == 1 && uses(graph, value) == 1).then_some((i, n))
+    };
+    let scalar = |name: &str| init(name).filter(|t| t.dims.is_empty() && t.data_type == INT64).and_then(int64);
+    let mut rewrites = Vec::new();
+    for (m, matmul) in graph.node.iter().enumerate() {
+        if matmul.op_type != "MatMul" || !matmul.domain.is_empty() || matmul.input.len() != 2 {
+            continue;
+        }
+        let found = (|| {
+            let (mul, mul_node) = made_by(&matmul.input[1], "Mul")?;
+            let [values, scale] = &mul_node.input[..] else { return None };
+            let (gl, gather_levels) = made_by(values, "Gather")?;
+            let (gs, gather_scale) = made_by(scale, "Gather")?;
+            let ([levels, index], [scales, block_of]) = (&gather_levels.input[..], &gather_scale.input[..]) else {
+                return None;
+            };
+            let axis0 = |n: &pb::NodeProto| int_attr(n, "axis").unwrap_or(0) == 0;
+            let (cast, cast_node) = made_by(index, "Cast")?;
+            let codes = init(cast_node.input.first()?).filter(|t| t.data_type == UINT4 && t.dims.len() == 2)?;
+            let to = int_attr(cast_node, "to")?;
+            let (div, div_node) = made_by(block_of, "Div")?;
+            let (range, range_node) = made_by(div_node.input.first()?, "Range")?;
+            let block = scalar(div_node.input.get(1)?)?;
+            let bounds: Vec<i64> = range_node.input.iter().map(|i| scalar(i)).collect::<Option<_>>()?;
+            let (k, n) = (codes.dims[0], codes.dims[1]);
+            let scales = init(scales).filter(|t| t.data_type == FLOAT)?;
+            let levels = init(levels).filter(|t| t.data_type == FLOAT && t.dims == [16]).and_then(floats)?;
+            let ok = axis0(gather_levels)
+                && axis0(gather_scale)
+                && (to == INT32 || to == i64::from(INT64))
+                && bounds == [0, k, 1]
+                && block > 0
+                && (block as usize).is_multiple_of(BLOCK)
+                && k > 0
+                && scales.dims == [(k + block - 1) / block, n];
+            ok.then(|| Rewrite {
+                matmul: m,
+                replaced: vec![mul, gl, gs, cast, div, range],
+                inputs: vec![codes.name.clone(), scales.name.clone()],
+                attributes: vec![
+                    pb::AttributeProto { name: "axis".into(), i: 0, r#type: 2, ..Default::default() },
+                    pb::AttributeProto { name: "block_size".into(), i: block, r#type: 2, ..Default::default() },
+                    pb::AttributeProto { name: "levels".into(), floats: levels, r#type: 6, ..Default::default() },
+                ],
+            })
+        })();
+        rewrites.extend(found);
     }
-    dead.sort_unstable();
-    for d in dead.into_iter().rev() {
-        graph.node.remove(d);
+    rewrites
+}
+
+const FLOAT: i32 = 1;
+const INT32: i64 = 6;
+const INT64: i32 = 7;
+const UINT4: i32 = 21;
+
+/// The value of a one-element int64 initializer.
+fn int64(t: &pb::TensorProto) -> Option<i64> {
+    match (&t.raw_data[..], &t.int64_data[..]) {
+        (&[a, b, c, d, e, f, g, h], _) => Some(i64::from_le_bytes([a, b, c, d, e, f, g, h])),
+        ([], &[v]) => Some(v),
+        _ => None,
     }
+}
+
+/// The values of an inline f32 initializer.
+fn floats(t: &pb::TensorProto) -> Option<Vec<f32>> {
+    if !t.float_data.is_empty() {
+        return Some(t.float_data.clone());
+    }
+    let (chunks, rest) = t.raw_data.as_chunks::<4>();
+    (rest.is_empty() && !chunks.is_empty()).then(|| chunks.iter().map(|b| f32::from_le_bytes(*b)).collect())
 }
 
 /// The operator: `DequantizeLinear`'s inputs and attributes after the activations.
@@ -162,7 +279,15 @@ impl Operator for QuantizedMatMul {
             Some(z) => Some(bytes(z, scale.len())),
             None => None,
         };
-        let weights = Weights { storage, inputs: k, outputs: n, data: bytes(&weight, k * n), scale, zero, blocking };
+        let levels = match info.get::<Vec<f32>>("levels") {
+            None => None,
+            Some(l) if storage == Storage::U4 && zero.is_none() && matches!(blocking, Blocking::Inputs(_)) => {
+                Some(<[f32; 16]>::try_from(l).map_err(|l| bad(format!("{} levels, 16 expected", l.len())))?)
+            }
+            Some(_) => return Err(bad("a level table needs UINT4 codes in blocks, no zero points".into())),
+        };
+        let data = bytes(&weight, k * n);
+        let weights = Weights { storage, inputs: k, outputs: n, data, scale, zero, blocking, levels };
         Ok(MatMulKernel { packed: Packed::new(&weights).map_err(bad)?, rows: Quantized::default() })
     }
 }
@@ -247,12 +372,19 @@ struct Weights<'a> {
     /// Zero points, same layout as `scale` (absent: 0).
     zero: Option<&'a [u8]>,
     blocking: Blocking,
+    /// The values codes stand for before scaling (NF4); `None`: the integers themselves.
+    levels: Option<[f32; 16]>,
 }
 
 /// A weight packed for the kernel. Tile `t` holds outputs `16t..16t+16`; per activation block,
 /// 4-bit weights take 4 vectors of 64 bytes (lane `j`, byte `i`: input `8v + i` of column `j`
 /// in the low nibble, `8v + 4 + i` in the high one), 8-bit weights 8 vectors (input `4v + i`).
 /// Codes are unsigned; scales and zero points are kept per tile and weight block, 16 each.
+///
+/// A weight with a level table keeps its 4-bit codes; the kernel maps each through `lut` (one
+/// `vpshufb`) to the level on an int8 grid, `round(127 · level / max|level|) + 128`, with zero
+/// point 128 and the scales times `max|level| / 127`: each level moves by at most
+/// `max|level| / 254` of its block's scale (0.4% of an NF4 block's absmax).
 struct Packed {
     bits: usize,
     inputs: usize,
@@ -266,6 +398,8 @@ struct Packed {
     codes: Vec<u8>,
     scales: Vec<f32>,
     zeros: Vec<u8>,
+    /// Code → unsigned 8-bit weight, for weights with a level table.
+    lut: Option<[u8; 16]>,
 }
 
 impl Packed {
@@ -289,6 +423,13 @@ impl Packed {
         if w.zero.is_some_and(|z| z.len() != zero_bytes) {
             return Err(format!("{} zero point bytes for {expected_scales} scales", w.zero.map_or(0, <[u8]>::len)));
         }
+        let (lut, factor) = match w.levels {
+            Some(levels) => {
+                let (lut, factor) = level_lut(&levels)?;
+                (Some(lut), factor)
+            }
+            None => (None, 1.0),
+        };
         let tiles = n.div_ceil(TILE);
         let bits = w.storage.bits();
         let tile_bytes = blocks * BLOCK * TILE * bits / 8;
@@ -310,8 +451,8 @@ impl Packed {
             for sb in 0..scale_blocks {
                 let first = sb * per_scale * BLOCK;
                 let at = (t * scale_blocks + sb) * TILE + j;
-                scales[at] = w.scale[scale_index(first, col)];
-                zeros[at] = zero_code(scale_index(first, col));
+                scales[at] = w.scale[scale_index(first, col)] * factor;
+                zeros[at] = if lut.is_some() { LUT_ZERO } else { zero_code(scale_index(first, col)) };
             }
         }
         // Input by input (the source's rows, in order); each row's codes land at one byte of
@@ -341,7 +482,7 @@ impl Packed {
                 }
             }
         }
-        Ok(Packed { bits, inputs: k, outputs: n, blocks, per_scale, scale_blocks, codes, scales, zeros })
+        Ok(Packed { bits, inputs: k, outputs: n, blocks, per_scale, scale_blocks, codes, scales, zeros, lut })
     }
 
     fn tiles(&self) -> usize {
@@ -384,9 +525,10 @@ impl Packed {
     unsafe fn tile(&self, t: usize, rows: &Quantized, first: usize, n: usize, out: *mut f32) {
         macro_rules! rows {
             ($($r:literal, $c:literal);*) => {
-                match (n, self.bits) {
-                    $(($r, 8) => unsafe { self.tile_rows::<$r, $c, 8>(t, rows, first, out) },)*
-                    $(($r, _) => unsafe { self.tile_rows::<$r, $c, 4>(t, rows, first, out) },)*
+                match (n, self.bits, self.lut.is_some()) {
+                    $(($r, 8, _) => unsafe { self.tile_rows::<$r, $c, 8, false>(t, rows, first, out) },)*
+                    $(($r, _, false) => unsafe { self.tile_rows::<$r, $c, 4, false>(t, rows, first, out) },)*
+                    $(($r, _, true) => unsafe { self.tile_rows::<$r, $c, 4, true>(t, rows, first, out) },)*
                     _ => unreachable!("1 to {ROWS} rows"),
                 }
             };
@@ -400,10 +542,11 @@ impl Packed {
     }
 
     /// # Safety
-    /// As [`Packed::tile`], with `R` rows; `C` accumulator chains per row.
+    /// As [`Packed::tile`], with `R` rows; `C` accumulator chains per row; 4-bit codes through
+    /// `lut` when `LUT`.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn tile_rows<const R: usize, const C: usize, const BITS: usize>(
+    unsafe fn tile_rows<const R: usize, const C: usize, const BITS: usize, const LUT: bool>(
         &self,
         t: usize,
         rows: &Quantized,
@@ -417,6 +560,9 @@ impl Packed {
         let quads = self.blocks * BLOCK / 4;
         let row = |r: usize| &rows.quads[(first + r) * quads..][..quads];
         let low = _mm512_set1_epi8(0x0F);
+        let lut = self.lut.unwrap_or_default();
+        // SAFETY: `lut` holds 16 bytes.
+        let table = _mm512_broadcast_i32x4(unsafe { _mm_loadu_si128(lut.as_ptr().cast()) });
         let mut acc = [_mm512_setzero_ps(); R];
         let (mut scale_block, mut left) = (0, self.per_scale);
         for b in 0..self.blocks {
@@ -437,6 +583,10 @@ impl Packed {
                 } else {
                     ws[2 * v] = _mm512_and_si512(w, low);
                     ws[2 * v + 1] = _mm512_and_si512(_mm512_srli_epi16::<4>(w), low);
+                    if LUT {
+                        ws[2 * v] = _mm512_shuffle_epi8(table, ws[2 * v]);
+                        ws[2 * v + 1] = _mm512_shuffle_epi8(table, ws[2 * v + 1]);
+                    }
                 }
             }
             // Independent accumulator chains per row (`vpdpbusd` has a latency of several
@@ -493,6 +643,20 @@ impl Packed {
             unsafe { _mm512_mask_storeu_ps(out.add((first + r) * self.outputs + t * TILE), mask, acc) };
         }
     }
+}
+
+/// The zero point of weights mapped through a level table.
+const LUT_ZERO: u8 = 128;
+
+/// A level table on the kernel's int8 grid: the 8-bit weight of each code (see [`Packed`]) and
+/// the factor its scales take.
+fn level_lut(levels: &[f32; 16]) -> Result<([u8; 16], f32), String> {
+    let max = levels.iter().fold(0f32, |m, l| m.max(l.abs()));
+    if !(max > 0.0 && max.is_finite()) {
+        return Err(format!("level table {levels:?}"));
+    }
+    let lut = levels.map(|l| ((l * 127.0 / max).round_ties_even() as i32 + i32::from(LUT_ZERO)).clamp(1, 255) as u8);
+    Ok((lut, max / 127.0))
 }
 
 /// How many blocks ahead of the one being multiplied the kernel prefetches weights.
@@ -675,8 +839,15 @@ mod tests {
                     let sa = f64::from(rows.scales[r * blocks + b]);
                     for kk in b * BLOCK..((b + 1) * BLOCK).min(k) {
                         let i = index(kk, col);
-                        let centred = f64::from(w.storage.code(w.data, kk * n + col)) - f64::from(zero_code(i));
-                        total += f64::from(code(r, kk)) * sa * centred * f64::from(w.scale[i]);
+                        let raw = w.storage.code(w.data, kk * n + col);
+                        let weight = match &w.levels {
+                            Some(levels) => {
+                                let (lut, factor) = level_lut(levels).expect("a valid table");
+                                (f64::from(lut[usize::from(raw)]) - 128.0) * f64::from(w.scale[i] * factor)
+                            }
+                            None => (f64::from(raw) - f64::from(zero_code(i))) * f64::from(w.scale[i]),
+                        };
+                        total += f64::from(code(r, kk)) * sa * weight;
                     }
                 }
                 out[r * n + col] = total as f32;
@@ -712,15 +883,18 @@ mod tests {
     }
 
     fn check_every_storage(k: usize, n: usize, next: &mut impl FnMut() -> f32) {
+        let nf4 = Some(crate::quant::NF4_LEVELS);
         let cases = [
-            (Storage::U4, Blocking::Inputs(64), true),
-            (Storage::U4, Blocking::Inputs(32), true),
-            (Storage::I4, Blocking::Inputs(64), false),
-            (Storage::I8, Blocking::Column, false),
-            (Storage::U8, Blocking::Column, true),
-            (Storage::I8, Blocking::Tensor, false),
+            (Storage::U4, Blocking::Inputs(64), true, None),
+            (Storage::U4, Blocking::Inputs(32), true, None),
+            (Storage::I4, Blocking::Inputs(64), false, None),
+            (Storage::U4, Blocking::Inputs(64), false, nf4),
+            (Storage::U4, Blocking::Inputs(32), false, nf4),
+            (Storage::I8, Blocking::Column, false, None),
+            (Storage::U8, Blocking::Column, true, None),
+            (Storage::I8, Blocking::Tensor, false, None),
         ];
-        for (storage, blocking, with_zero) in cases {
+        for (storage, blocking, with_zero, levels) in cases {
             let bytes = storage.bytes(k * n);
             let data: Vec<u8> = (0..bytes).map(|_| (next() * 127.0 + 128.0) as u8).collect();
             let scales = match blocking {
@@ -739,6 +913,7 @@ mod tests {
                 scale: &scale,
                 zero: with_zero.then_some(&zero[..]),
                 blocking,
+                levels,
             };
             let packed = Packed::new(&w).expect("a valid weight packs");
             let a: Vec<f32> = (0..11 * k).map(|_| next() * 3.0).collect();
@@ -848,6 +1023,82 @@ mod tests {
         );
         let attrs: Vec<(&str, i64)> = a.attribute.iter().map(|t| (t.name.as_str(), t.i)).collect();
         assert_eq!(attrs, [("axis", 0), ("block_size", 32)]);
+    }
+
+    /// An NF4 weight `name` `[inputs, 8]` in blocks of `block`, as the exporter writes it.
+    fn nf4_weight(graph: &mut pb::GraphProto, name: &str, inputs: i64, block: i64) {
+        let scalar = |n: String, v: i64| pb::TensorProto {
+            name: n,
+            data_type: 7,
+            raw_data: v.to_le_bytes().to_vec(),
+            ..Default::default()
+        };
+        let levels: Vec<u8> = crate::quant::NF4_LEVELS.iter().flat_map(|l| l.to_le_bytes()).collect();
+        graph.initializer.extend([
+            pb::TensorProto { name: name.into(), data_type: 21, dims: vec![inputs, 8], ..Default::default() },
+            pb::TensorProto {
+                name: format!("{name}.levels"),
+                data_type: 1,
+                dims: vec![16],
+                raw_data: levels,
+                ..Default::default()
+            },
+            pb::TensorProto {
+                name: format!("{name}.scale"),
+                data_type: 1,
+                dims: vec![inputs.div_euclid(block) + i64::from(inputs % block != 0), 8],
+                ..Default::default()
+            },
+            scalar(format!("{name}.0"), 0),
+            scalar(format!("{name}.k"), inputs),
+            scalar(format!("{name}.1"), 1),
+            scalar(format!("{name}.b"), block),
+        ]);
+        let node = |op: &str, inputs: &[String], output: &str, attribute: Vec<pb::AttributeProto>| pb::NodeProto {
+            op_type: op.into(),
+            input: inputs.to_vec(),
+            output: vec![format!("{name}/{output}")],
+            attribute,
+            ..Default::default()
+        };
+        let to = pb::AttributeProto { name: "to".into(), i: 6, r#type: 2, ..Default::default() };
+        let v = |s: &str| format!("{name}{s}");
+        graph.node.extend([
+            node("Cast", &[v("")], "cast", vec![to]),
+            node("Gather", &[v(".levels"), v("/cast")], "values", vec![]),
+            node("Range", &[v(".0"), v(".k"), v(".1")], "range", vec![]),
+            node("Div", &[v("/range"), v(".b")], "block", vec![]),
+            node("Gather", &[v(".scale"), v("/block")], "scales", vec![]),
+            node("Mul", &[v("/values"), v("/scales")], "weight", vec![]),
+            node("MatMul", &["x".into(), v("/weight")], "out", vec![]),
+        ]);
+    }
+
+    #[test]
+    fn fuse_rewrites_nf4_weights_in_blocks_of_32() {
+        let mut graph = pb::GraphProto::default();
+        nf4_weight(&mut graph, "f", 96, 64);
+        nf4_weight(&mut graph, "g", 64, 16);
+        fuse(&mut graph, "ai.kiln");
+        let ops: Vec<&str> = graph.node.iter().map(|n| n.op_type.as_str()).collect();
+        assert_eq!(ops, [OP, "Cast", "Gather", "Range", "Div", "Gather", "Mul", "MatMul"], "blocks of 16 stay");
+        let f = &graph.node[0];
+        assert_eq!(f.input, ["x", "f", "f.scale"]);
+        assert_eq!(f.output, ["f/out"]);
+        let block = f.attribute.iter().find(|a| a.name == "block_size").map(|a| a.i);
+        let levels = f.attribute.iter().find(|a| a.name == "levels").map(|a| a.floats.clone());
+        assert_eq!((block, levels), (Some(64), Some(crate::quant::NF4_LEVELS.to_vec())));
+    }
+
+    #[test]
+    fn level_tables_move_each_level_by_at_most_half_a_grid_step() {
+        let (lut, factor) = level_lut(&crate::quant::NF4_LEVELS).expect("NF4 maps");
+        assert_eq!((lut[0], lut[7], lut[15]), (1, 128, 255), "-1, 0 and 1 land exactly");
+        for (&l, &code) in crate::quant::NF4_LEVELS.iter().zip(&lut) {
+            let mapped = (f32::from(code) - 128.0) * factor;
+            assert!((mapped - l).abs() <= 1.0 / 254.0 + 1e-7, "{l} → {mapped}");
+        }
+        assert!(level_lut(&[0.0; 16]).is_err());
     }
 
     #[test]
