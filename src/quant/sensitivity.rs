@@ -3,7 +3,7 @@
 //!
 //! The cost of a (tensor, scheme) is the mean KL(fp32 ‖ perturbed) per predicted token over
 //! measurement windows of the calibration text: to second order, the expected increase of
-//! the model's loss. A forward pass for each of the ~14 candidates of ~210 matrices would
+//! the model's loss. A forward pass for each of the 16 candidates of ~210 matrices would
 //! take hours on a laptop CPU, so each matrix is measured once, at [`REFERENCE`], and its
 //! other candidates are predicted from the output error `tr(ΔW H ΔWᵀ)` (H the Hessian of
 //! the matrix's calibration inputs, what GPTQ minimizes), scaled by that matrix's own
@@ -27,7 +27,7 @@ use crate::model::reference::{logsumexp, rms_norm, Reference, Site};
 use crate::model::{ModelConfig, Weights};
 
 /// Bump when the measurement changes, so cached tables are not reused.
-pub const TABLE_VERSION: u32 = 1;
+pub const TABLE_VERSION: u32 = 2;
 
 /// The candidate every matrix is measured at: the usual 4-bit layout, round to nearest.
 pub const REFERENCE: &str = "int4-b32-zp";
@@ -58,8 +58,8 @@ impl Candidate {
 }
 
 /// The candidates of a projection or the lm_head: INT8 per channel; INT4
-/// symmetric and UINT4 with zero points in blocks of 32, 64 and 128; each by round to
-/// nearest and by GPTQ.
+/// symmetric and UINT4 with zero points in blocks of 32, 64 and 128; NF4 in blocks of 64
+/// (QLoRA's); each by round to nearest and by GPTQ.
 pub fn candidates() -> Vec<Candidate> {
     let int = |precision, layout, block_size, symmetric| Scheme {
         precision,
@@ -74,6 +74,7 @@ pub fn candidates() -> Vec<Candidate> {
             schemes.push(int(Precision::Int4, Layout::Blocked, block, symmetric));
         }
     }
+    schemes.push(int(Precision::Nf4, Layout::Blocked, 64, true));
     [false, true].into_iter().flat_map(|gptq| schemes.iter().map(move |&scheme| Candidate { scheme, gptq })).collect()
 }
 
@@ -621,8 +622,9 @@ mod tests {
     #[test]
     fn the_candidates_are_the_issue_list_and_the_reference_is_among_them() {
         let labels: Vec<String> = candidates().iter().map(Candidate::label).collect();
-        assert_eq!(labels.len(), 14);
-        for l in [REFERENCE, VALIDATION, "int8-pc-sym", "int4-b128-zp", "int4-b64-sym-gptq"] {
+        assert_eq!(labels.len(), 16);
+        for l in [REFERENCE, VALIDATION, "int8-pc-sym", "int4-b128-zp", "int4-b64-sym-gptq", "nf4-b64", "nf4-b64-gptq"]
+        {
             assert!(labels.iter().any(|x| x == l), "{l} in {labels:?}");
         }
         assert!(embedding_candidates().iter().all(|c| c.scheme.precision == Precision::Int8 && !c.gptq));
