@@ -56,11 +56,9 @@ pub fn compare(candidate: &ArtifactFiles, baseline: &ArtifactFiles) -> Result<In
         let (base_stored, base_columns) =
             location(baseline.manifest.tensors.iter().find(|b| b.name == t.name).ok_or_else(no_baseline)?);
         let base_t = baseline.initializer(base_stored).ok_or_else(no_baseline)?;
-        let base: Vec<f32> =
-            baseline.bytes(base_t)?.as_chunks::<4>().0.iter().map(|b| f32::from_le_bytes(*b)).collect();
+        let base: Vec<f32> = f32_values(&baseline.bytes(base_t)?);
         let codes = unpack_codes(codes_t, &candidate.bytes(codes_t)?)?;
-        let scales: Vec<f32> =
-            candidate.bytes(scales_t)?.as_chunks::<4>().0.iter().map(|b| f32::from_le_bytes(*b)).collect();
+        let scales: Vec<f32> = f32_values(&candidate.bytes(scales_t)?);
         let zps = match zp_t {
             Some(z) => Some(unpack_codes(z, &candidate.bytes(z)?)?),
             None => None,
@@ -70,8 +68,7 @@ pub fn compare(candidate: &ArtifactFiles, baseline: &ArtifactFiles) -> Result<In
             Precision::Nf4 => {
                 let name = format!("{stored}.levels");
                 let l = candidate.initializer(&name).ok_or_else(|| missing(&name))?;
-                let values: Vec<f32> =
-                    candidate.bytes(l)?.as_chunks::<4>().0.iter().map(|b| f32::from_le_bytes(*b)).collect();
+                let values = f32_values(&candidate.bytes(l)?);
                 if values.len() != 16 {
                     return Err(CheckError::Artifact {
                         path: candidate.dir.join("model.onnx"),
@@ -149,6 +146,11 @@ pub fn compare(candidate: &ArtifactFiles, baseline: &ArtifactFiles) -> Result<In
         }
     }
     Ok(out)
+}
+
+/// Little-endian f32 values of an initializer's bytes.
+fn f32_values(bytes: &[u8]) -> Vec<f32> {
+    bytes.as_chunks::<4>().0.iter().map(|b| f32::from_le_bytes(*b)).collect()
 }
 
 /// The initializer holding report `t`'s matrix, and its columns there when packed.

@@ -186,11 +186,9 @@ impl GroupParams {
     /// Scale and zero point covering `values` shrunk by `ratio`.
     fn range(&self, values: &[f32], ratio: f32) -> (f32, u8) {
         let nonzero = |s: f32| if s > 0.0 && s.is_finite() { s } else { 1.0 };
-        if self.levels.is_some() {
-            // The levels span [-1, 1]: the scale is the absmax.
-            (nonzero(values.iter().fold(0f32, |m, v| m.max(v.abs())) * ratio), 0)
-        } else if self.symmetric {
-            let qmax = ((1i32 << (self.bits - 1)) - 1) as f32;
+        if self.symmetric || self.levels.is_some() {
+            // Levels span [-1, 1] (no zero point); signed integers reach ±qmax.
+            let qmax = if self.levels.is_some() { 1.0 } else { ((1i32 << (self.bits - 1)) - 1) as f32 };
             let absmax = values.iter().fold(0f32, |m, v| m.max(v.abs())) * ratio;
             (nonzero(absmax / qmax), 0)
         } else {

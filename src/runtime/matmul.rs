@@ -171,7 +171,7 @@ fn level_tables(graph: &pb::GraphProto) -> Vec<Rewrite> {
             let levels = init(levels).filter(|t| t.data_type == FLOAT && t.dims == [16]).and_then(floats)?;
             let ok = axis0(gather_levels)
                 && axis0(gather_scale)
-                && (to == INT32 || to == i64::from(INT64))
+                && (to == i64::from(INT32) || to == i64::from(INT64))
                 && bounds == [0, k, 1]
                 && block > 0
                 && (block as usize).is_multiple_of(BLOCK)
@@ -193,10 +193,10 @@ fn level_tables(graph: &pb::GraphProto) -> Vec<Rewrite> {
     rewrites
 }
 
-const FLOAT: i32 = 1;
-const INT32: i64 = 6;
-const INT64: i32 = 7;
-const UINT4: i32 = 21;
+const FLOAT: i32 = pb::tensor_proto::DataType::Float as i32;
+const INT32: i32 = pb::tensor_proto::DataType::Int32 as i32;
+const INT64: i32 = pb::tensor_proto::DataType::Int64 as i32;
+const UINT4: i32 = pb::tensor_proto::DataType::Uint4 as i32;
 
 /// The value of a one-element int64 initializer.
 fn int64(t: &pb::TensorProto) -> Option<i64> {
