@@ -39,6 +39,12 @@ fn export(recipe: &Path) -> PathBuf {
     }
 }
 
+/// The FP32 artifact of `source` in `dir/fp32`: the baseline of weight integrity.
+fn fp32_baseline(dir: &Path, source: &Path) -> PathBuf {
+    let text = format!("source = {source:?}\noutput = {:?}\n[quant]\nprecision = \"fp32\"\n", dir.join("fp32"));
+    export(&write_recipe(dir, "fp32", &text))
+}
+
 fn max_rel_diff(a: ndarray::ArrayView1<f32>, b: ndarray::ArrayView1<f32>) -> f32 {
     let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
     a.iter().zip(b.iter()).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
@@ -363,10 +369,7 @@ fn calibrated_recipes_export_and_verify() {
          [quant.calibration]\nwindows = 4\nwindow = 24\ncorpus = {corpus:?}\nexclude = [\"held_out.txt\"]\n\
          [[quant.override]]\nmatch = \"model.embed_tokens.weight\"\nprecision = \"int8\""
     );
-    let fp32 = {
-        let text = format!("source = {src:?}\noutput = {:?}\n[quant]\nprecision = \"fp32\"\n", tmp.path().join("fp32"));
-        export(&write_recipe(tmp.path(), "fp32", &text))
-    };
+    let fp32 = fp32_baseline(tmp.path(), &src);
     let mut built = std::collections::HashMap::new();
     for (method, extra) in [
         ("gptq", "[quant.gptq]\nact_order = true\n"),
@@ -438,10 +441,7 @@ fn mixed_precision_keeps_the_budget() {
     std::fs::create_dir_all(&corpus).expect("mkdir");
     let text: String = (0..600).map(|k| format!("hello world {} or {} ", k * 3, k % 11)).collect();
     std::fs::write(corpus.join("a.txt"), text).expect("corpus");
-    let fp32 = {
-        let text = format!("source = {src:?}\noutput = {:?}\n[quant]\nprecision = \"fp32\"\n", tmp.path().join("fp32"));
-        export(&write_recipe(tmp.path(), "fp32", &text))
-    };
+    let fp32 = fp32_baseline(tmp.path(), &src);
     let recipe = |bpw: f64| {
         let out = tmp.path().join(format!("mixed-{bpw}"));
         let text = format!(
@@ -504,10 +504,7 @@ fn nf4_artifacts_verify_in_tract_and_run_kilns_kernel() {
     use kiln::check::tract::TractDecoder;
     let tmp = tempfile::tempdir().expect("tempdir");
     let src = model_dir(tmp.path(), LLAMA, 23);
-    let fp32 = {
-        let text = format!("source = {src:?}\noutput = {:?}\n[quant]\nprecision = \"fp32\"\n", tmp.path().join("fp32"));
-        export(&write_recipe(tmp.path(), "fp32", &text))
-    };
+    let fp32 = fp32_baseline(tmp.path(), &src);
     let quant = "precision = \"nf4\"\nlayout = \"blocked\"\nblock_size = 32\n[[quant.override]]\nmatch = \"model.embed_tokens.weight\"\n\
                  precision = \"int8\"\nlayout = \"per-channel\"";
     let dir = export(&recipe(tmp.path(), &src, quant));
@@ -567,4 +564,88 @@ fn nf4_artifacts_verify_in_tract_and_run_kilns_kernel() {
         let d = max_rel_diff(serving.row(j), want.slice(s![0, j, ..]));
         assert!(d <= 3e-2, "kiln's kernel, position {j}: {d}");
     }
+}
+
+/// A tied model whose embedding and lm_head share one INT8 per-channel scheme stores the
+/// table once, as the lm_head's `[hidden, vocab]` codes that the embedding's Gather reads by
+/// column: the reports say so, weight integrity checks it as the lm_head, and ONNX Runtime
+/// (portable and serving graphs, where the lm_head's DequantizeLinear still fuses) and tract
+/// compute the model of the rounded weights.
+#[test]
+fn a_tied_int8_table_is_stored_once() {
+    use kiln::check::lowering::Lowering;
+    use kiln::check::tract::TractDecoder;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let src = model_dir(tmp.path(), QWEN2, 29);
+    let fp32 = fp32_baseline(tmp.path(), &src);
+    let r = recipe(tmp.path(), &src, "precision = \"int8\"\nlayout = \"per-channel\"\nsymmetric = true");
+    let dir = export(&r);
+    let m = Manifest::read(&dir).expect("manifest");
+    let of = |n: &str| m.tensors.iter().find(|t| t.name == n).expect(n).clone();
+    let (e, head) = (of("model.embed_tokens.weight"), of("lm_head.weight"));
+    assert_eq!(e.bytes, 0);
+    assert_eq!(
+        e.packed.as_ref().map(|p| (p.tensor.as_str(), p.columns)),
+        Some(("lm_head.weight", [0, tiny_vocab_size()]))
+    );
+    assert_eq!((e.label.as_str(), e.error.rel_frobenius), (head.label.as_str(), head.error.rel_frobenius));
+    let files = kiln::check::artifact::ArtifactFiles::open(&dir).expect("artifact");
+    assert!(files.initializer("model.embed_tokens.weight").is_none(), "no second table");
+    let codes = files.initializer("lm_head.weight").expect("the lm_head's codes");
+    assert_eq!(codes.dims, [TINY_HIDDEN as i64, tiny_vocab_size() as i64]);
+    let base = kiln::check::artifact::ArtifactFiles::open(&fp32).expect("baseline");
+    let integrity = kiln::check::integrity::compare(&files, &base).expect("integrity");
+    assert_eq!(integrity.tensors, 7 * TINY_LAYERS + 1, "the table once");
+    assert!(integrity.mismatches.is_empty(), "{:?}", integrity.mismatches);
+
+    let model = Model::load(&src).expect("loads");
+    let recipe = kiln::onnx::recipe::Recipe::load(&r).expect("recipe");
+    let weights = reconstructed_weights(&model.weights, &recipe);
+    let reference = Reference::from_parts(&model.config, &weights);
+    let ids = [5u32, 80, 256, 3, 259, 17];
+    let mut cache = reference.new_cache(ids.len());
+    let want = reference.forward(&ids, &mut cache, Logits::All).expect("forward");
+    let input = |past| StepInput {
+        input_ids: Array2::from_shape_fn((1, ids.len()), |(_, j)| ids[j] as i64),
+        attention_mask: Array2::ones((1, ids.len())),
+        position_ids: Array2::from_shape_fn((1, ids.len()), |(_, j)| j as i64),
+        past,
+    };
+    let optimized = tmp.path().join("portable.optimized.onnx");
+    let exact = SessionOptions { matmul_accuracy_level: Some(1), ..Default::default() };
+    let traced = SessionOptions { optimized_model_path: Some(optimized.clone()), ..Default::default() };
+    let mut ort = OrtDecoder::open(&dir, &exact).expect("session");
+    let got = ort.run(input(ort.empty_past(1))).expect("runs").logits;
+    let mut int8 = OrtDecoder::open(&dir, &traced).expect("session");
+    let int8 = int8.run(input(ort.empty_past(1))).expect("runs").logits;
+    let tract = TractDecoder::open(&dir, Lowering::Needed).expect("tract");
+    let tract = tract.run(input(ort.empty_past(1))).expect("tract runs").logits;
+    let serving = serving_logits(&dir, &exact, &ids);
+    let fused = serving_logits(&dir, &SessionOptions::default(), &ids);
+    for j in 0..ids.len() {
+        for (what, row, tolerance) in [
+            ("ONNX Runtime", got.slice(s![0, j, ..]), TOLERANCE),
+            ("tract", tract.slice(s![0, j, ..]), TOLERANCE),
+            ("serving", serving.row(j), TOLERANCE),
+            ("ONNX Runtime, default accuracy", int8.slice(s![0, j, ..]), 3e-2),
+            // int8 activations where kiln's kernel runs.
+            ("serving, default accuracy", fused.row(j), 3e-2),
+        ] {
+            let d = max_rel_diff(row, want.row(j));
+            assert!(d <= tolerance, "{what}, position {j}: relative difference {d}");
+        }
+    }
+    // ONNX Runtime fused the lm_head's DequantizeLinear: its Gather read a second entry.
+    let graph = {
+        use prost::Message as _;
+        let model = tract_onnx::pb::ModelProto::decode(&std::fs::read(&optimized).expect("graph")[..]).expect("ONNX");
+        model.graph.expect("graph")
+    };
+    let readers = |name: &str| -> Vec<String> {
+        graph.node.iter().filter(|n| n.input.iter().any(|i| i == name)).map(|n| n.op_type.clone()).collect()
+    };
+    assert_eq!(readers("lm_head.weight.gathered"), ["Gather"]);
+    assert_eq!(readers("lm_head.weight.scale.gathered"), ["Gather"]);
+    let left: Vec<_> = graph.node.iter().filter(|n| n.op_type == "DequantizeLinear").map(|n| &n.input).collect();
+    assert!(left.is_empty(), "{left:?}");
 }

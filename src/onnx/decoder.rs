@@ -15,7 +15,11 @@
 //! into SimplifiedLayerNormalization); weights are integer initializers → DequantizeLinear
 //! → MatMul (fused into MatMulNBits); q/k/v and gate/up, when they share a scheme, are
 //! stored side by side and multiplied at once, then Split; quantized embeddings gather
-//! integer rows and their scales before converting; the lm_head has its own initializer.
+//! integer rows and their scales before converting. The lm_head has its own initializer,
+//! except that a tied embedding under the lm_head's INT8 per-channel (or per-tensor)
+//! symmetric scheme is stored once: the embedding gathers the lm_head's columns (axis 1)
+//! and transposes them. ONNX Runtime then reads the lm_head's codes through two initializer
+//! entries (`src/runtime/alias.rs`) so that it still fuses their DequantizeLinear.
 //!
 //! The serving form ([`GraphForm::Serving`], ONNX Runtime only) computes the same function
 //! with the `com.microsoft::GroupQueryAttention` contrib op: its KV inputs are buffers sized
@@ -55,12 +59,14 @@ pub struct TensorReport {
     pub scheme: Scheme,
     /// Short label of the scheme.
     pub label: String,
-    /// Bytes of its initializers (codes, scales, zero points).
+    /// Bytes of its initializers (codes, scales, zero points); 0 for a tied embedding that
+    /// reads the lm_head's.
     pub bytes: u64,
     /// Distance from the f32 weights.
     pub error: QuantError,
-    /// Where it is stored when it shares an initializer with the other matrices that read
-    /// the same input (q/k/v, gate/up); otherwise the initializer is `name`.
+    /// Where it is stored when it shares an initializer: with the other matrices that read
+    /// the same input (q/k/v, gate/up), or a tied embedding in the lm_head's `[hidden,
+    /// vocab]`; otherwise the initializer is `name`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub packed: Option<PackedAt>,
 }
@@ -222,7 +228,16 @@ impl Decoder<'_, '_> {
             Some((mask, pos)) => self.portable_shared(&ids, mask, pos, src.max_context),
             None => self.serving_shared(src.max_context),
         };
-        let embedded = self.embedding(&src.weights.embed_tokens, &ids, scheme_for("model.embed_tokens.weight"))?;
+        let (embed_scheme, head_scheme) = (scheme_for("model.embed_tokens.weight"), scheme_for("lm_head.weight"));
+        let tied_once = src.weights.lm_head.is_none()
+            && !self.prequantized.contains_key("lm_head.weight")
+            && embed_scheme.stores_tied_once(&head_scheme);
+        let (embedded, head) = if tied_once {
+            let head = self.weight("lm_head.weight", src.weights.lm_head(), head_scheme)?;
+            (self.embedding_from_head(&ids)?, Some(head))
+        } else {
+            (self.embedding(&src.weights.embed_tokens, &ids, embed_scheme)?, None)
+        };
         let mut x = Stream::Whole(embedded);
         for i in 0..c.num_layers {
             x = self.layer(i, x, &shared, src.weights, scheme_for)?;
@@ -236,7 +251,10 @@ impl Decoder<'_, '_> {
             x = g.op("Slice", "/logits_to_keep/Slice", &[&x, &start, &end, &axis], &[]);
         }
         let h = self.rms_norm("/model/norm", &x, &src.weights.norm.to_vec(), "model.norm.weight");
-        let head = self.weight("lm_head.weight", src.weights.lm_head(), scheme_for("lm_head.weight"))?;
+        let head = match head {
+            Some(head) => head,
+            None => self.weight("lm_head.weight", src.weights.lm_head(), head_scheme)?,
+        };
         self.g.op_to("MatMul", "/lm_head/MatMul", &[&h, &head], &[], "logits");
 
         let g = &mut self.g;
@@ -811,6 +829,38 @@ impl Decoder<'_, '_> {
             bytes,
             error,
             packed: None,
+        });
+        Ok(x)
+    }
+
+    /// The token embedding of a tied model read from the lm_head's INT8 codes `[hidden,
+    /// vocab]` (stored once, [`Scheme::stores_tied_once`]): the ids' columns, transposed to
+    /// rows, converted and scaled by their columns' scales.
+    fn embedding_from_head(&mut self, ids: &str) -> Result<String, ExportError> {
+        let head = self.reports.last().filter(|r| r.name == "lm_head.weight").cloned();
+        let head = head.ok_or_else(|| ExportError::Internal("the lm_head is stored before the embedding".into()))?;
+        let (p, codes) = ("/model/embed_tokens", "lm_head.weight");
+        let g = &mut self.g;
+        let columns = g.op("Gather", &format!("{p}/codes/Gather"), &[codes, ids], &[("axis", Attr::Int(1))]);
+        let rows =
+            g.op("Transpose", &format!("{p}/codes/Transpose"), &[&columns], &[("perm", Attr::Ints(vec![1, 2, 0]))]);
+        let to_f32 = ("to", Attr::Int(DType::F32.onnx() as i64));
+        let x = g.op("Cast", &format!("{p}/codes/Cast"), &[&rows], &[to_f32]);
+        let scale = if head.scheme.layout == Layout::PerTensor {
+            "lm_head.weight.scale".to_string()
+        } else {
+            let per_token = g.op("Gather", &format!("{p}/scale/Gather"), &["lm_head.weight.scale", ids], &[]);
+            let last = g.ints(&[-1]);
+            g.op("Unsqueeze", &format!("{p}/scale/Unsqueeze"), &[&per_token, &last], &[])
+        };
+        let x = g.op("Mul", &format!("{p}/Mul"), &[&x, &scale], &[]);
+        let [hidden, vocab] = [head.shape[1], head.shape[0]];
+        self.report(TensorReport {
+            name: "model.embed_tokens.weight".into(),
+            shape: [vocab, hidden],
+            bytes: 0,
+            packed: Some(PackedAt { tensor: codes.into(), columns: [0, vocab] }),
+            ..head
         });
         Ok(x)
     }

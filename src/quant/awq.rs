@@ -243,9 +243,9 @@ fn awq(
         on_layer(i + 1, config.num_layers);
     }
     // The lm_head reads the final norm's output: its scales fold into the norm weight (the
-    // lm_head gets its own matrix, untied from the embedding, as the export stores it anyway).
+    // lm_head gets its own matrix, untied from the embedding) unless it stays tied.
     let scheme = scheme_for("lm_head.weight");
-    if scheme.precision.bits().is_some() {
+    if scheme.precision.bits().is_some() && !super::lm_head_stays_tied(config, scheme_for) {
         let mut st = SiteStats::new(config.hidden_size);
         for x in &hidden {
             st.add(crate::model::reference::rms_norm(x.view(), &current.norm, config.rms_norm_eps).view(), per_window);

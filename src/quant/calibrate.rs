@@ -225,9 +225,10 @@ pub fn gptq_model(
         });
         on_layer(i + 1, config.num_layers);
     }
-    // The lm_head, on the final norm of the quantized model's last hidden states.
+    // The lm_head, on the final norm of the quantized model's last hidden states (unless it
+    // stays tied to the embedding, rounded to nearest).
     let scheme = scheme_for("lm_head.weight");
-    if scheme.precision.bits().is_some() {
+    if scheme.precision.bits().is_some() && !super::lm_head_stays_tied(config, scheme_for) {
         let mut h = Hessian::new(config.hidden_size);
         for x in &hidden {
             h.add(rms_norm(x.view(), &current.norm, config.rms_norm_eps).view());

@@ -3,10 +3,11 @@
 //! weight, by an exact multiple-choice knapsack over the table.
 //!
 //! Matrices the artifact packs into one MatMul (a layer's q/k/v, its gate/up) are chosen
-//! together, so packing, and its fewer larger kernels, survive. The budget counts what the
-//! artifact stores for the model's weights (codes, scales, zero points, the f32 norms; both
-//! copies of a tied embedding, as the Gather's INT8 table and the lm_head are stored
-//! apart) over its parameters counted once, as llama.cpp reports bits per weight.
+//! together, so packing, and its fewer larger kernels, survive; so are a tied embedding and
+//! lm_head, whose table is stored once when they share an INT8 scheme and twice otherwise.
+//! The budget counts what the artifact stores for the model's weights (codes, scales, zero
+//! points, the f32 norms) over its parameters counted once, as llama.cpp reports bits per
+//! weight.
 
 use std::collections::HashMap;
 
@@ -75,12 +76,27 @@ fn group_key(name: &str) -> String {
     name.to_string()
 }
 
-/// One option of a group: a label and each member's (bytes, kl, scheme).
-struct Opt {
+/// One matrix's part of an option.
+struct Member {
     label: String,
-    members: Vec<(u64, f64, Scheme)>,
     bytes: u64,
     kl: f64,
+    scheme: Scheme,
+}
+
+/// One option of a group: each member's part, and their sums.
+struct Opt {
+    members: Vec<Member>,
+    bytes: u64,
+    kl: f64,
+    pinned: bool,
+}
+
+impl Opt {
+    fn new(members: Vec<Member>, pinned: bool) -> Opt {
+        let (bytes, kl) = (members.iter().map(|m| m.bytes).sum(), members.iter().map(|m| m.kl).sum());
+        Opt { members, bytes, kl, pinned }
+    }
 }
 
 /// Chooses a candidate per matrix of `table` for `bits_per_weight`. `gptq` says whether the
@@ -121,15 +137,10 @@ pub fn plan(
             let mut m = Vec::new();
             for t in &members {
                 let Some(x) = t.cost(&c.label) else { break };
-                m.push((x.bytes, x.kl, x.candidate.scheme));
+                m.push(Member { label: c.label.clone(), bytes: x.bytes, kl: x.kl, scheme: x.candidate.scheme });
             }
             if m.len() == members.len() {
-                opts.push(Opt {
-                    label: c.label.clone(),
-                    bytes: m.iter().map(|x| x.0).sum(),
-                    kl: m.iter().map(|x| x.1).sum(),
-                    members: m,
-                });
+                opts.push(Opt::new(m, false));
             }
         }
         // An override pins the whole group to its scheme (the member's own if they differ).
@@ -155,19 +166,22 @@ pub fn plan(
                             )
                         })?,
                 };
-                m.push((scheme.stored_bytes(t.shape[0], t.shape[1]), kl, scheme));
+                m.push(Member {
+                    label: scheme.label(),
+                    bytes: scheme.stored_bytes(t.shape[0], t.shape[1]),
+                    kl,
+                    scheme,
+                });
             }
-            opts = vec![Opt {
-                label: "pinned".into(),
-                bytes: m.iter().map(|x| x.0).sum(),
-                kl: m.iter().map(|x| x.1).sum(),
-                members: m,
-            }];
+            opts = vec![Opt::new(m, true)];
         }
         if opts.is_empty() {
             return Err(format!("{key}: no candidate in the sensitivity table"));
         }
         groups.push((members.iter().map(|t| t.name.as_str()).collect(), opts));
+    }
+    if config.tie_word_embeddings {
+        tie(&mut groups, table);
     }
     let smallest: u64 = fixed + groups.iter().map(|(_, o)| o.iter().map(|x| x.bytes).min().unwrap_or(0)).sum::<u64>();
     if smallest > budget {
@@ -209,18 +223,18 @@ pub fn plan(
     let mut choices = Vec::new();
     for ((names, opts), &k) in groups.iter().zip(&picked) {
         let o = &opts[k];
-        for (name, &(bytes, kl, scheme)) in names.iter().zip(&o.members) {
-            let label = if o.label == "pinned" { scheme.label() } else { o.label.clone() };
+        for (name, m) in names.iter().zip(&o.members) {
             choices.push(Choice {
                 name: name.to_string(),
-                label,
-                scheme,
-                bytes,
-                predicted_kl: kl,
-                pinned: o.label == "pinned",
+                label: m.label.clone(),
+                scheme: m.scheme,
+                bytes: m.bytes,
+                predicted_kl: m.kl,
+                pinned: o.pinned,
             });
         }
     }
+    choices.sort_by_key(|c| table.tensors.iter().position(|t| t.name == c.name));
     let total = fixed + choices.iter().map(|c| c.bytes).sum::<u64>();
     Ok(MixedPlan {
         target_bits_per_weight: bits_per_weight,
@@ -229,6 +243,39 @@ pub fn plan(
         measured_kl: None,
         choices,
     })
+}
+
+/// Makes a tied embedding and lm_head one group: every pair of their options, the pairs
+/// that the artifact stores once ([`Scheme::stores_tied_once`]) counting the table once (as
+/// the lm_head's bytes) with the lm_head rounded to nearest, as the export then leaves it.
+fn tie(groups: &mut Vec<(Vec<&str>, Vec<Opt>)>, table: &SensitivityTable) {
+    let at = |groups: &[(Vec<&str>, Vec<Opt>)], name: &str| groups.iter().position(|(n, _)| n == &[name]);
+    let (Some(e), Some(h)) = (at(groups, "model.embed_tokens.weight"), at(groups, "lm_head.weight")) else { return };
+    let (_, head) = groups.remove(h.max(e));
+    let (_, embedding) = groups.remove(h.min(e));
+    let (embedding, head) = if e < h { (embedding, head) } else { (head, embedding) };
+    let rounded = |scheme: &Scheme| {
+        let t = table.tensors.iter().find(|t| t.name == "lm_head.weight")?;
+        t.costs.iter().find(|c| !c.candidate.gptq && c.candidate.scheme == *scheme)
+    };
+    let mut opts = Vec::new();
+    for a in &embedding {
+        for b in &head {
+            let (ea, hb) = (&a.members[0], &b.members[0]);
+            let e = Member { label: ea.label.clone(), bytes: ea.bytes, kl: ea.kl, scheme: ea.scheme };
+            let mut h = Member { label: hb.label.clone(), bytes: hb.bytes, kl: hb.kl, scheme: hb.scheme };
+            if ea.scheme.stores_tied_once(&hb.scheme) {
+                h.bytes = e.bytes;
+                if let Some(c) = rounded(&hb.scheme) {
+                    (h.label, h.kl) = (c.label.clone(), c.kl);
+                }
+                opts.push(Opt::new(vec![Member { bytes: 0, ..e }, h], a.pinned || b.pinned));
+            } else {
+                opts.push(Opt::new(vec![e, h], a.pinned || b.pinned));
+            }
+        }
+    }
+    groups.insert(0, (vec!["model.embed_tokens.weight", "lm_head.weight"], opts));
 }
 
 /// `weights` with every matrix of `plan` replaced by what the artifact stores for it,
@@ -396,7 +443,10 @@ mod tests {
             let p = plan(&t, &c, bpw, true, &|_| None).expect("plan");
             assert!(p.bits_per_weight <= bpw, "{bpw}: {}", p.bits_per_weight);
             assert!(p.predicted_kl <= last + 1e-12, "{bpw}: {} after {last}", p.predicted_kl);
-            assert!(p.choices.iter().all(|x| x.label.ends_with("-gptq") || x.name.contains("embed")));
+            let tied_once = p.choices.iter().any(|x| x.name.contains("embed") && x.bytes == 0);
+            assert!(p.choices.iter().all(|x| x.label.ends_with("-gptq")
+                || x.name.contains("embed")
+                || tied_once && x.name == "lm_head.weight"));
             last = p.predicted_kl;
         }
         // Everything fits at 8-bit blocks with room to spare: nothing stays at 4 bits.
@@ -434,6 +484,41 @@ mod tests {
         // The predicted KL is the sum of the choices'.
         let sum: f64 = p.choices.iter().map(|x| x.predicted_kl).sum();
         assert!((sum - p.predicted_kl).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_tied_table_under_one_int8_scheme_counts_once() {
+        let mut c = config(1);
+        let t = table(&c, &flat);
+        let (v, h) = (c.vocab_size, c.hidden_size);
+        let int8 = Scheme {
+            precision: Precision::Int8,
+            layout: super::super::Layout::PerChannel,
+            block_size: 32,
+            symmetric: true,
+            clip_search: false,
+        };
+        let p = plan(&t, &c, 12.0, true, &|_| None).expect("plan");
+        let of = |p: &MixedPlan, n: &str| p.choices.iter().find(|x| x.name == n).expect(n).clone();
+        let (e, head) = (of(&p, "model.embed_tokens.weight"), of(&p, "lm_head.weight"));
+        assert_eq!((e.scheme, head.scheme, e.bytes), (int8, int8, 0), "{}", render(&p));
+        assert_eq!(head.bytes, int8.stored_bytes(v, h));
+        // Stored once, the lm_head is the embedding's rounding, not GPTQ's.
+        let rtn = t.tensors.last().and_then(|x| x.cost("int8-pc-sym")).expect("rtn");
+        assert_eq!((head.label.as_str(), head.predicted_kl), ("int8-pc-sym", rtn.kl));
+        assert_eq!(p.choices.iter().map(|x| x.name.as_str()).collect::<Vec<_>>().first(), Some(&e.name.as_str()));
+        assert_eq!(p.choices.last().map(|x| x.name.as_str()), Some("lm_head.weight"), "table order");
+        // Untied, the same budget pays for both tables.
+        c.tie_word_embeddings = false;
+        let untied = plan(&t, &c, 12.0, true, &|_| None).expect("plan");
+        assert_eq!(of(&untied, "model.embed_tokens.weight").bytes, int8.stored_bytes(v, h));
+        // The budget that fits the layers at INT8 with one table, but not with two.
+        c.tie_word_embeddings = true;
+        let once = (p.bits_per_weight * c.parameter_count() as f64 / 8.0).ceil();
+        let bpw = (once + 16.0) * 8.0 / c.parameter_count() as f64;
+        let p = plan(&t, &c, bpw, true, &|_| None).expect("plan");
+        assert!(p.bits_per_weight <= bpw);
+        assert!(p.choices.iter().all(|x| x.scheme.precision == Precision::Int8), "{}", render(&p));
     }
 
     #[test]

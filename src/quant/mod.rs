@@ -178,6 +178,14 @@ impl Scheme {
         (n * u64::from(bits)).div_ceil(8) + groups * 4 + zps + levels
     }
 
+    /// Whether a tied embedding under this scheme and its lm_head under `head` are stored
+    /// once: the same INT8 symmetric scheme, per channel or per tensor, so the lm_head's codes
+    /// `[hidden, vocab]` (rounded to nearest, neither AWQ-scaled nor GPTQ'd) are the
+    /// embedding's rows read by column.
+    pub fn stores_tied_once(&self, head: &Scheme) -> bool {
+        self == head && self.precision == Precision::Int8 && self.symmetric && self.layout != Layout::Blocked
+    }
+
     /// A short name such as `int4-b32-zp`, `int8-pc-sym`, `fp32`.
     pub fn label(&self) -> String {
         let p = match self.precision {
@@ -198,6 +206,13 @@ impl Scheme {
         let clip = if self.clip_search { "-clip" } else { "" };
         format!("{p}-{layout}-{zp}{clip}")
     }
+}
+
+/// Whether calibration (AWQ, GPTQ) leaves the lm_head alone: a tied embedding stored once
+/// with it ([`Scheme::stores_tied_once`]) needs its codes rounded to nearest from the table.
+pub fn lm_head_stays_tied(config: &crate::model::ModelConfig, scheme_for: &dyn Fn(&str) -> Scheme) -> bool {
+    config.tie_word_embeddings
+        && scheme_for("model.embed_tokens.weight").stores_tied_once(&scheme_for("lm_head.weight"))
 }
 
 /// An integer-quantized matrix: codes, scales and zero points, in the orientation it was

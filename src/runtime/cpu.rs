@@ -2,10 +2,9 @@
 //!
 //! The artifact keeps standard operators (the contrib GroupQueryAttention, `DequantizeLinear
 //! → MatMul`), which the CUDA and TensorRT providers run. A CPU session loads the graph with
-//! [`graph`], which moves those nodes into the [`DOMAIN`] domain, and registers [`domain`].
+//! [`rewrite`], which moves those nodes into the [`DOMAIN`] domain, and registers [`domain`].
 
 use ort::operator::OperatorDomain;
-use prost::Message;
 use tract_onnx::pb;
 
 use super::{attention, matmul, KvCache};
@@ -21,12 +20,11 @@ pub fn domain() -> ort::Result<OperatorDomain> {
         .add(matmul::QuantizedMatMul)
 }
 
-/// `serving.onnx` (its bytes) for a CPU session: attention always runs kiln's kernel;
+/// Rewrites `serving.onnx` for a CPU session: attention always runs kiln's kernel;
 /// quantized MatMuls do where `int8_matmuls` (int8 activations allowed) and the CPU has
 /// AVX-512 VNNI, else ONNX Runtime fuses them into MatMulNBits as before. The KV cache
 /// (graph inputs `past_key_values.*`, outputs `present.*`) becomes `cache`.
-pub fn graph(bytes: &[u8], int8_matmuls: bool, cache: KvCache) -> Result<Vec<u8>, String> {
-    let mut model = pb::ModelProto::decode(bytes).map_err(|e| format!("not an ONNX model: {e}"))?;
+pub fn rewrite(model: &mut pb::ModelProto, int8_matmuls: bool, cache: KvCache) -> Result<(), String> {
     let graph = model.graph.as_mut().ok_or("the model has no graph")?;
     if attention::move_nodes(graph, DOMAIN, cache)? == 0 {
         return Err("the graph has no GroupQueryAttention node".into());
@@ -35,5 +33,5 @@ pub fn graph(bytes: &[u8], int8_matmuls: bool, cache: KvCache) -> Result<Vec<u8>
         matmul::fuse(graph, DOMAIN);
     }
     model.opset_import.push(pb::OperatorSetIdProto { domain: DOMAIN.into(), version: 1 });
-    Ok(model.encode_to_vec())
+    Ok(())
 }

@@ -11,11 +11,14 @@ use ndarray::{Array2, Array3, Array4, Ix3, Ix4};
 use ort::session::builder::GraphOptimizationLevel;
 use ort::session::Session;
 use ort::value::Tensor;
+use prost::Message;
+use tract_onnx::pb;
 
 use crate::model::cache_dir;
 use crate::onnx::decoder::GraphForm;
 use crate::onnx::manifest::{self, Manifest};
 
+mod alias;
 mod attention;
 mod cpu;
 mod matmul;
@@ -387,16 +390,20 @@ fn open_session(path: &Path, form: GraphForm, opts: &SessionOptions) -> Result<S
     if let Some(p) = &opts.optimized_model_path {
         b = b.with_optimized_model_path(p).map_err(|e| fail(e.to_string()))?;
     }
-    let session = if form == GraphForm::Serving && opts.provider == Provider::Cpu {
-        let bytes = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
+    let bytes = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
+    let mut model = pb::ModelProto::decode(bytes.as_slice()).map_err(|e| fail(format!("not an ONNX model: {e}")))?;
+    let aliased = alias::gathered(model.graph.as_mut().ok_or_else(|| fail("the model has no graph".into()))?);
+    let cpu_serving = form == GraphForm::Serving && opts.provider == Provider::Cpu;
+    if cpu_serving {
         // Accuracy levels below 4 ask for f32 arithmetic: MatMulNBits keeps the products then.
-        let graph = cpu::graph(&bytes, opts.int8_activations(), opts.kv_cache.unwrap_or(KvCache::F32)).map_err(fail)?;
+        cpu::rewrite(&mut model, opts.int8_activations(), opts.kv_cache.unwrap_or(KvCache::F32)).map_err(fail)?;
+        b = b.with_operators(cpu::domain().map_err(|e| fail(e.to_string()))?).map_err(|e| fail(e.to_string()))?;
+    }
+    let session = if cpu_serving || aliased > 0 {
         let dir = path.parent().unwrap_or(Path::new("."));
-        b.with_operators(cpu::domain().map_err(|e| fail(e.to_string()))?)
+        b.with_config_entry("session.model_external_initializers_file_folder_path", dir.display().to_string())
             .map_err(|e| fail(e.to_string()))?
-            .with_config_entry("session.model_external_initializers_file_folder_path", dir.display().to_string())
-            .map_err(|e| fail(e.to_string()))?
-            .commit_from_memory(&graph)
+            .commit_from_memory(&model.encode_to_vec())
             .map_err(|e| fail(e.to_string()))?
     } else {
         b.commit_from_file(path).map_err(|e| fail(e.to_string()))?
