@@ -207,6 +207,12 @@ enum Command {
         /// by a JSON schema against the same step unconstrained.
         #[arg(long, conflicts_with = "speculative")]
         constrained: bool,
+        /// Measure the paged KV cache of the one artifact given: TTFT after a shared 1500-token
+        /// prefix with and without the prefix cache, and, at the KV memory of 8 contiguous
+        /// slots of 2048 positions, concurrent sequences and tokens/s of a 64-512-token
+        /// workload, contiguous against paged.
+        #[arg(long, conflicts_with_all = ["speculative", "constrained"])]
+        paged: bool,
         /// Measure speculative decoding of the one artifact given (the target): each drafter
         /// (every --draft, and prompt lookup) at each --k, against plain decoding, on open-ended
         /// and on grounded prompts (quote, summarize, answer from or edit a given text).
@@ -241,6 +247,9 @@ enum Command {
         /// KV cache element type (default: f16 for integer-quantized weights, else f32).
         #[arg(long, value_enum)]
         kv_cache: Option<KvCacheArg>,
+        /// Contiguous KV cache (slot-sized regions) instead of the paged one.
+        #[arg(long)]
+        contiguous_kv: bool,
         /// Rounds of every measurement, interleaved; the table shows each figure's median.
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
         repeat: u64,
@@ -268,12 +277,19 @@ enum Command {
         /// /v1/chat/completions) on ADDR, on the same engine.
         #[arg(long, value_name = "ADDR")]
         http_addr: Option<std::net::SocketAddr>,
-        /// Sequences generated at once (KV cache slots, allocated up front).
+        /// Most sequences generated at once (on the CPU the KV memory is the real limit).
         #[arg(long, default_value_t = 8)]
         max_sequences: usize,
         /// Positions per sequence (capped by the artifact's context).
         #[arg(long, default_value_t = 2048)]
         context: usize,
+        /// Bytes of the paged KV cache shared by all sequences (CPU), e.g. 512MiB. Default:
+        /// what --max-sequences full contexts take, at most a quarter of the free RAM.
+        #[arg(long, value_name = "SIZE", value_parser = kiln::serve::parse_bytes)]
+        kv_memory: Option<u64>,
+        /// Compute every prompt in full instead of reusing cached prefixes' KV blocks.
+        #[arg(long)]
+        no_prefix_cache: bool,
         /// Requests that may wait for a slot before new ones get RESOURCE_EXHAUSTED.
         #[arg(long, default_value_t = 64)]
         queue: usize,
@@ -313,6 +329,8 @@ struct BenchOne {
     #[arg(long, value_enum)]
     kv_cache: Option<KvCacheArg>,
     #[arg(long)]
+    contiguous_kv: bool,
+    #[arg(long)]
     repeat: usize,
 }
 
@@ -335,6 +353,10 @@ struct SessionArgs {
     /// level, else f32.
     #[arg(long, value_enum)]
     kv_cache: Option<KvCacheArg>,
+    /// Keep the KV cache contiguous on the CPU (slot-sized regions: no paging, no prefix
+    /// cache, no admission by memory), as before paging.
+    #[arg(long)]
+    contiguous_kv: bool,
 }
 
 impl SessionArgs {
@@ -344,6 +366,7 @@ impl SessionArgs {
             intra_threads: self.threads,
             matmul_accuracy_level: self.accuracy_level,
             kv_cache: self.kv_cache.map(Into::into),
+            contiguous_kv: self.contiguous_kv,
             ..Default::default()
         }
     }
@@ -449,6 +472,7 @@ fn main() -> Result<()> {
             threads: a.threads,
             accuracy_level: a.accuracy_level,
             kv_cache: a.kv_cache.map(Into::into),
+            contiguous_kv: a.contiguous_kv,
             repeat: a.repeat,
         };
         let row = kiln::bench::bench_artifact(&a.artifact, &opts).map_err(anyhow::Error::msg)?;
@@ -535,6 +559,8 @@ fn main() -> Result<()> {
             http_addr,
             max_sequences,
             context,
+            kv_memory,
+            no_prefix_cache,
             queue,
             max_tokens,
             default_max_tokens,
@@ -567,6 +593,8 @@ fn main() -> Result<()> {
                 http_addr,
                 session: session.options(),
                 max_sequences,
+                kv_memory,
+                prefix_cache: !no_prefix_cache,
                 context,
                 queue_capacity: queue,
                 max_tokens,
@@ -627,6 +655,17 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Command::Bench { grpc: None, paged: true, artifacts, threads, repeat, json, .. } => {
+            let [artifact] = artifacts.as_slice() else { bail!("--paged takes one artifact") };
+            let report =
+                kiln::bench::paged::bench_paged(artifact, threads, repeat as usize).map_err(anyhow::Error::msg)?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", kiln::bench::paged::render(&report));
+            }
+            Ok(())
+        }
         Command::Bench { grpc: None, constrained: true, artifacts, tokens, threads, repeat, json, .. } => {
             let [artifact] = artifacts.as_slice() else { bail!("--constrained takes one artifact") };
             let report = kiln::bench::constrained::bench_constrained(artifact, tokens, threads, repeat as usize)
@@ -670,13 +709,22 @@ fn main() -> Result<()> {
             threads,
             accuracy_level,
             kv_cache,
+            contiguous_kv,
             repeat,
             json,
             ..
         } => {
             let (repeat, kv_cache) = (repeat as usize, kv_cache.map(Into::into));
-            let opts =
-                kiln::bench::BenchOptions { tokens, long_context, streams, threads, accuracy_level, kv_cache, repeat };
+            let opts = kiln::bench::BenchOptions {
+                tokens,
+                long_context,
+                streams,
+                threads,
+                accuracy_level,
+                kv_cache,
+                contiguous_kv,
+                repeat,
+            };
             bench(&artifacts, &opts, json)
         }
     }
@@ -977,6 +1025,7 @@ fn bench(artifacts: &[PathBuf], opts: &kiln::bench::BenchOptions, json: bool) ->
             .args(["--repeat", &opts.repeat.to_string()])
             .args(opts.accuracy_level.map(|l| format!("--accuracy-level={l}")))
             .args(opts.kv_cache.map(|k| format!("--kv-cache={}", k.name())))
+            .args(opts.contiguous_kv.then_some("--contiguous-kv"))
             .stderr(std::process::Stdio::inherit())
             .output()
             .context("running the bench process")?;
@@ -1057,6 +1106,7 @@ fn generate(path: &Path, draft: Option<&Path>, request: Request, session: Sessio
             "completion_tokens": s.generated_tokens,
             "backend": backend,
             "timings": {
+                "cached_prompt_tokens": s.cached_prompt_tokens,
                 "ttft_s": ttft,
                 "prefill_tokens_per_s": s.prompt_tokens as f64 / ttft,
                 "decode_tokens_per_s": decode_tps,

@@ -4,6 +4,7 @@
 //! streams through the engine.
 
 pub mod constrained;
+pub mod paged;
 pub mod speculative;
 pub mod workload;
 
@@ -30,6 +31,8 @@ pub struct BenchOptions {
     pub accuracy_level: Option<u8>,
     /// KV cache element type (None: the artifact's default).
     pub kv_cache: Option<KvCache>,
+    /// Contiguous KV cache instead of the CPU's paged one.
+    pub contiguous_kv: bool,
     /// Rounds of every measurement; the row reports medians.
     pub repeat: usize,
 }
@@ -48,7 +51,7 @@ pub struct BenchRow {
     pub name: String,
     /// Bytes of `model.onnx.data`.
     pub weight_bytes: u64,
-    /// KV cache element type ("f32", "f16").
+    /// KV cache element type and layout ("f16 paged", "f32 contiguous").
     pub kv_cache: String,
     /// Peak resident memory of the process after the single-stream measurements.
     pub peak_rss_bytes: u64,
@@ -82,6 +85,7 @@ pub fn bench_artifact(dir: &Path, opts: &BenchOptions) -> Result<BenchRow, Bench
         intra_threads: opts.threads,
         matmul_accuracy_level: opts.accuracy_level,
         kv_cache: opts.kv_cache,
+        contiguous_kv: opts.contiguous_kv,
         ..Default::default()
     };
     let tokens = prompt_tokens(dir, &m, opts.long_context.max(PREFILL_PROMPT))?;
@@ -92,7 +96,8 @@ pub fn bench_artifact(dir: &Path, opts: &BenchOptions) -> Result<BenchRow, Bench
         return Err(format!("a {longest}-token prompt + {} tokens exceeds max_context {}", opts.tokens, m.max_context));
     }
     let mut dec = ServingDecoder::open(dir, &session, 1, context).map_err(|e| e.to_string())?;
-    let kv_cache = dec.kv_cache();
+    let kv_cache =
+        format!("{} {}", dec.kv_cache().name(), if dec.kv_pool().is_some() { "paged" } else { "contiguous" });
     let err = |e: crate::runtime::RuntimeError| e.to_string();
 
     // Warm-up: the first runs allocate ONNX Runtime's buffers.
@@ -128,7 +133,7 @@ pub fn bench_artifact(dir: &Path, opts: &BenchOptions) -> Result<BenchRow, Bench
     let engine = Engine::start(
         move || ServingDecoder::open(&d, &session, max_streams, stream_context),
         tokenizer,
-        EngineOptions { queue_capacity: max_streams },
+        EngineOptions { queue_capacity: max_streams, ..EngineOptions::default() },
     )
     .map_err(|e| e.to_string())?;
     let mut aggregate = vec![Vec::with_capacity(rounds); opts.streams.len()];
@@ -141,7 +146,7 @@ pub fn bench_artifact(dir: &Path, opts: &BenchOptions) -> Result<BenchRow, Bench
     Ok(BenchRow {
         name: m.name.clone(),
         weight_bytes,
-        kv_cache: kv_cache.name().into(),
+        kv_cache,
         peak_rss_bytes,
         ttft_s: median(&mut ttft),
         prefill_tokens_per_s: median(&mut prefill),
@@ -227,7 +232,7 @@ pub fn render(rows: &[BenchRow]) -> String {
     let streams: Vec<usize> = rows.first().map(|r| r.streams.iter().map(|s| s.0).collect()).unwrap_or_default();
     let long = rows.first().map_or(0, |r| r.long_context);
     out.push_str(&format!(
-        "{:<22} {:>9} {:>4} {:>9} {:>9} {:>10} {:>9} {:>9} {:>6}",
+        "{:<22} {:>9} {:>14} {:>9} {:>9} {:>10} {:>9} {:>9} {:>6}",
         "artifact",
         "weights",
         "KV",
@@ -243,7 +248,7 @@ pub fn render(rows: &[BenchRow]) -> String {
     }
     out.push('\n');
     out.push_str(&format!(
-        "{:<22} {:>9} {:>4} {:>9} {:>9} {:>10} {:>9} {:>9} {:>6}",
+        "{:<22} {:>9} {:>14} {:>9} {:>9} {:>10} {:>9} {:>9} {:>6}",
         "", "MB", "", "MB", "ms", "tok/s", "tok/s", "tok/s", ""
     ));
     for _ in &streams {
@@ -252,7 +257,7 @@ pub fn render(rows: &[BenchRow]) -> String {
     out.push('\n');
     for r in rows {
         out.push_str(&format!(
-            "{:<22} {:>9.1} {:>4} {:>9.0} {:>9.1} {:>10.0} {:>9.1} {:>9.1} {:>6.2}",
+            "{:<22} {:>9.1} {:>14} {:>9.0} {:>9.1} {:>10.0} {:>9.1} {:>9.1} {:>6.2}",
             r.name,
             r.weight_bytes as f64 / 1e6,
             r.kv_cache,

@@ -9,10 +9,18 @@
 //! Requests are validated and tokenized by the caller's thread in [`Engine::submit`], so bad
 //! input fails before it queues; the queue holds at most `queue_capacity` requests that wait
 //! for a slot, and one more is refused with [`EngineError::Overloaded`].
+//!
+//! Where the model's KV cache is paged ([`Forward::kv_pool`]), memory is the limit, not slots:
+//! a sequence holds the blocks it has filled, a request waits until its prompt's blocks are
+//! free, a prompt reuses the cached blocks of its longest cached prefix, and when the pool
+//! runs dry mid-generation the newest sequence is preempted and recomputed later
+//! ([`paging`]).
 
 pub mod chat;
 pub mod grammar;
+pub mod kv;
 pub mod native;
+mod paging;
 pub mod sampling;
 pub mod speculative;
 #[cfg(test)]
@@ -37,7 +45,7 @@ use crate::model::reference::argmax;
 use crate::model::tokenizer::from_file;
 use crate::model::ModelTokenizer;
 use crate::onnx::manifest::{self, Manifest};
-use crate::runtime::{Forward, RuntimeError};
+use crate::runtime::{Forward, KvPool, RuntimeError};
 
 /// Why a request was refused or failed.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -75,6 +83,24 @@ pub enum EngineError {
     /// The model failed.
     #[error("model: {0}")]
     Model(String),
+    /// The request's prompt and `max_new_tokens` need more KV memory than the whole pool.
+    #[error("prompt of {prompt} tokens plus up to {max_new_tokens} new ones needs {positions} KV positions ({blocks} blocks, {mib:.1} MiB), more than the whole KV pool of {pool_blocks} blocks ({pool_mib:.1} MiB, --kv-memory)")]
+    KvMemory {
+        /// Prompt tokens.
+        prompt: usize,
+        /// Tokens asked for.
+        max_new_tokens: usize,
+        /// Positions the request can fill (capped by the context).
+        positions: usize,
+        /// Blocks they take.
+        blocks: usize,
+        /// Their bytes, in MiB.
+        mib: f64,
+        /// Blocks in the pool.
+        pool_blocks: usize,
+        /// The pool's bytes, in MiB.
+        pool_mib: f64,
+    },
     /// A constrained sequence's grammar failed mid-generation.
     #[error("constrained output: {0}")]
     Constraint(String),
@@ -89,6 +115,7 @@ impl EngineError {
         match self {
             EngineError::InvalidRequest { .. } => "invalid_request",
             EngineError::PromptTooLong { .. } => "prompt_too_long",
+            EngineError::KvMemory { .. } => "kv_memory",
             EngineError::Overloaded { .. } => "overloaded",
             EngineError::ChatTemplate(_) => "chat_template",
             EngineError::Tokenizer(_) => "tokenizer",
@@ -194,6 +221,8 @@ pub struct Summary {
     pub finish_reason: FinishReason,
     /// Prompt tokens (after truncation).
     pub prompt_tokens: usize,
+    /// Prompt tokens whose KV came from the prefix cache (not computed).
+    pub cached_prompt_tokens: usize,
     /// Tokens generated (stop tokens excluded).
     pub generated_tokens: usize,
     /// Submission to the start of its prefill (waiting for a slot).
@@ -230,11 +259,13 @@ pub type Sink = Box<dyn FnMut(Event) -> bool + Send>;
 pub struct EngineOptions {
     /// Requests that may wait for a slot before new ones are refused.
     pub queue_capacity: usize,
+    /// Reuse the KV blocks of cached prompt prefixes (paged caches only).
+    pub prefix_cache: bool,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        EngineOptions { queue_capacity: 64 }
+        EngineOptions { queue_capacity: 64, prefix_cache: true }
     }
 }
 
@@ -299,6 +330,9 @@ pub struct Engine {
     template: Option<ChatTemplate>,
     slots: usize,
     context: usize,
+    kv: Option<KvPool>,
+    blocks_in_use: Arc<AtomicUsize>,
+    preemptions: Arc<AtomicUsize>,
     has_draft: bool,
     /// Built at the first constrained request.
     grammars: std::sync::OnceLock<Result<Grammars, EngineError>>,
@@ -314,6 +348,12 @@ pub struct Load {
     pub running: usize,
     /// Requests waiting for a slot.
     pub waiting: usize,
+    /// KV blocks sequences hold (paged caches; else 0).
+    pub kv_blocks_in_use: usize,
+    /// KV blocks in the pool (paged caches; else 0).
+    pub kv_blocks: usize,
+    /// Sequences preempted for KV memory so far.
+    pub preemptions: usize,
 }
 
 /// A validated, tokenized request on its way to the scheduler.
@@ -359,10 +399,13 @@ impl Engine {
         };
         let tokenizer = Arc::new(tokenizer);
         let (commands, inbox) = mpsc::channel::<Admitted>();
-        let (ready_tx, ready) = mpsc::channel::<Result<(usize, usize), EngineError>>();
+        let (ready_tx, ready) = mpsc::channel::<Result<(usize, usize, Option<KvPool>), EngineError>>();
         let waiting = Arc::new(AtomicUsize::new(0));
         let running = Arc::new(AtomicUsize::new(0));
+        let blocks_in_use = Arc::new(AtomicUsize::new(0));
+        let preemptions = Arc::new(AtomicUsize::new(0));
         let (tok, w, r) = (tokenizer.clone(), waiting.clone(), running.clone());
+        let (b, p) = (blocks_in_use.clone(), preemptions.clone());
         let thread = std::thread::Builder::new()
             .name("kiln-engine".into())
             .spawn(move || {
@@ -386,13 +429,16 @@ impl Engine {
                         return;
                     }
                 };
-                let _ = ready_tx.send(Ok((model.slots(), model.max_context())));
+                let _ = ready_tx.send(Ok((model.slots(), model.max_context(), model.kv_pool())));
                 let mut scheduler = Scheduler::new(model, tok, w, r);
                 scheduler.draft = draft.map(DraftModel::new);
+                scheduler.pool =
+                    scheduler.model.kv_pool().map(|p| kv::BlockPool::new(p.blocks, p.block_size, options.prefix_cache));
+                (scheduler.blocks_in_use, scheduler.preemptions) = (b, p);
                 scheduler.run(inbox);
             })
             .map_err(|e| EngineError::Model(format!("starting the engine thread: {e}")))?;
-        let (slots, context) = ready.recv().map_err(|_| EngineError::ShutDown)??;
+        let (slots, context, kv) = ready.recv().map_err(|_| EngineError::ShutDown)??;
         Ok(Engine {
             commands: Some(commands),
             thread: Some(thread),
@@ -403,6 +449,9 @@ impl Engine {
             template,
             slots,
             context,
+            kv,
+            blocks_in_use,
+            preemptions,
             has_draft,
             grammars: std::sync::OnceLock::new(),
         })
@@ -423,9 +472,20 @@ impl Engine {
         self.context
     }
 
-    /// Requests running now (slots in use) and waiting for a slot.
+    /// The paged KV pool, where the model's cache is one.
+    pub fn kv_pool(&self) -> Option<KvPool> {
+        self.kv
+    }
+
+    /// Requests running now (slots in use) and waiting for a slot, and KV blocks in use.
     pub fn load(&self) -> Load {
-        Load { running: self.running.load(Ordering::Acquire), waiting: self.waiting.load(Ordering::Acquire) }
+        Load {
+            running: self.running.load(Ordering::Acquire),
+            waiting: self.waiting.load(Ordering::Acquire),
+            kv_blocks_in_use: self.blocks_in_use.load(Ordering::Acquire),
+            kv_blocks: self.kv.map_or(0, |k| k.blocks),
+            preemptions: self.preemptions.load(Ordering::Acquire),
+        }
     }
 
     /// The tokenizer.
@@ -528,6 +588,22 @@ impl Engine {
             let room = request.max_new_tokens.clamp(1, self.context - 1);
             prompt.drain(..prompt.len() - (self.context - room));
         }
+        if let Some(kv) = self.kv {
+            let positions = (prompt.len() + request.max_new_tokens).min(self.context);
+            let blocks = positions.div_ceil(kv.block_size);
+            if blocks > kv.blocks {
+                let mib = |blocks: usize| (blocks * kv.block_bytes) as f64 / f64::from(1 << 20);
+                return Err(EngineError::KvMemory {
+                    prompt: prompt.len(),
+                    max_new_tokens: request.max_new_tokens,
+                    positions,
+                    blocks,
+                    mib: mib(blocks),
+                    pool_blocks: kv.blocks,
+                    pool_mib: mib(kv.blocks),
+                });
+            }
+        }
         let capacity = self.options.queue_capacity;
         self.waiting
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| (w < capacity).then_some(w + 1))
@@ -575,12 +651,19 @@ struct Sequence {
     done: bool,
     /// Speculation state (speculative requests only).
     spec: Option<SpecState>,
-    /// Prompt and generated tokens (speculative requests only: what drafters read).
+    /// Prompt and generated tokens: what drafters read, and what a preempted sequence
+    /// recomputes (`history[..past]` is cached, `history[past]` is `next`).
     history: Vec<u32>,
     /// The grammar its output follows (constrained requests only).
     constraint: Option<Constraint>,
     /// Masked logits of a constrained sequence (reused between steps).
     masked: Vec<f32>,
+    /// Its KV blocks (paged caches only; none while preempted).
+    table: Option<kv::Table>,
+    /// Prompt tokens that came from the prefix cache.
+    cached_prompt: usize,
+    /// Taken out to free its blocks: it comes back when there is room.
+    preempted: bool,
 }
 
 impl Sequence {
@@ -600,6 +683,7 @@ impl Sequence {
         let summary = Summary {
             finish_reason: reason,
             prompt_tokens: self.prompt_tokens,
+            cached_prompt_tokens: self.cached_prompt,
             generated_tokens: self.generated,
             queue_time: self.queued,
             time_to_first_token: self.first_token.unwrap_or_default(),
@@ -617,6 +701,7 @@ fn cancelled_before_start(a: Admitted, queue_time: Duration) {
     sink(Event::Finished(Summary {
         finish_reason: FinishReason::Cancelled,
         prompt_tokens: a.prompt.len(),
+        cached_prompt_tokens: 0,
         generated_tokens: 0,
         queue_time,
         time_to_first_token: Duration::ZERO,
@@ -636,6 +721,13 @@ struct Scheduler<F: Forward> {
     running_count: Arc<AtomicUsize>,
     waiting: VecDeque<Admitted>,
     running: Vec<Sequence>,
+    /// The paged KV cache's books (paged models only).
+    pool: Option<kv::BlockPool>,
+    /// Blocks in use and preemptions so far, for [`Engine::load`].
+    blocks_in_use: Arc<AtomicUsize>,
+    preemptions: Arc<AtomicUsize>,
+    /// Preempted sequences, oldest first: they come back before new requests.
+    preempted: VecDeque<Sequence>,
 }
 
 /// N-gram length prompt lookup starts from.
@@ -661,13 +753,17 @@ impl<F: Forward> Scheduler<F> {
             running_count,
             waiting: VecDeque::new(),
             running: Vec::new(),
+            pool: None,
+            blocks_in_use: Arc::new(AtomicUsize::new(0)),
+            preemptions: Arc::new(AtomicUsize::new(0)),
+            preempted: VecDeque::new(),
         }
     }
 
     fn run(mut self, inbox: mpsc::Receiver<Admitted>) {
         loop {
             // Block only when there is nothing to do.
-            if self.running.is_empty() && self.waiting.is_empty() {
+            if self.running.is_empty() && self.waiting.is_empty() && self.preempted.is_empty() {
                 match inbox.recv() {
                     Ok(a) => self.waiting.push_back(a),
                     Err(_) => return,
@@ -687,6 +783,9 @@ impl<F: Forward> Scheduler<F> {
             self.step();
             self.release();
             self.running_count.store(self.running.len(), Ordering::Release);
+            if let Some(pool) = &self.pool {
+                self.blocks_in_use.store(pool.in_use(), Ordering::Release);
+            }
         }
     }
 
@@ -707,22 +806,24 @@ impl<F: Forward> Scheduler<F> {
     /// Fails every running sequence (the model is in an unknown state).
     fn fail_all(&mut self, e: RuntimeError) {
         let e = EngineError::from(e);
-        for seq in &mut self.running {
+        for mut seq in std::mem::take(&mut self.running) {
             (seq.sink)(Event::Failed(e.clone()));
+            self.free_blocks(&mut seq, false);
         }
-        self.running.clear();
     }
 
     /// The running state of admitted request `a`, prefilled and waiting for its first token.
     fn sequence(&self, a: Admitted, queued: Duration) -> Sequence {
-        let speculative = a.request.speculative.is_some();
         Sequence {
             sampler: Sampler::new(a.request.sampling.clone(), self.model.vocab_size(), &a.prompt),
             stops: StopStrings::new(&a.request.stop_strings),
             spec: a.request.speculative.map(SpecState::new),
-            history: if speculative { a.prompt.clone() } else { Vec::new() },
+            history: a.prompt.clone(),
             constraint: a.constraint,
             masked: Vec::new(),
+            table: None,
+            cached_prompt: 0,
+            preempted: false,
             request: a.request,
             sink: a.sink,
             cancel: a.cancel,
@@ -750,7 +851,7 @@ impl<F: Forward> Scheduler<F> {
             return;
         };
         let free = self.model.slots() - first;
-        let burst = self
+        let mut burst = self
             .waiting
             .iter()
             .take(free)
@@ -758,6 +859,8 @@ impl<F: Forward> Scheduler<F> {
                 a.prompt.len() == len && a.request.speculative.is_none() && !a.cancel.load(Ordering::Relaxed)
             })
             .count();
+        // A paged cache: blocks for each, and none with a cached prefix (those go alone).
+        let tables = self.burst_tables(&mut burst, len);
         if burst < 2 {
             return;
         }
@@ -768,7 +871,9 @@ impl<F: Forward> Scheduler<F> {
         }
         let queued: Vec<Duration> = admitted.iter().map(|a| a.submitted.elapsed()).collect();
         let prompts: Vec<&[u32]> = admitted.iter().map(|a| a.prompt.as_slice()).collect();
-        let logits = match self.model.prefill_rows(first, &prompts) {
+        let bound: Result<(), RuntimeError> =
+            tables.iter().enumerate().try_for_each(|(i, t)| self.model.bind_blocks(first + i, t.blocks()));
+        let logits = match bound.and_then(|()| self.model.prefill_rows(first, &prompts)) {
             Ok(l) => l,
             Err(e) => {
                 let e = EngineError::from(e);
@@ -776,13 +881,19 @@ impl<F: Forward> Scheduler<F> {
                     let mut sink = a.sink;
                     sink(Event::Failed(e.clone()));
                 }
+                if let Some(pool) = &mut self.pool {
+                    tables.into_iter().for_each(|t| pool.release(t));
+                }
                 return;
             }
         };
+        let mut tables = tables.into_iter();
         // Counted before their first tokens go out: a client that sees one sees it running.
         self.running_count.store(first + burst, Ordering::Release);
         for ((a, queued), row) in admitted.into_iter().zip(queued).zip(logits.rows()) {
             let mut seq = self.sequence(a, queued);
+            seq.table = tables.next();
+            self.commit(&mut seq);
             self.next_token(&mut seq, row.as_slice().expect("logits rows are contiguous"));
             self.running.push(seq);
         }
@@ -792,35 +903,45 @@ impl<F: Forward> Scheduler<F> {
         }
     }
 
-    /// Prefills waiting requests into free slots.
+    /// Prefills waiting requests into free slots (preempted sequences first).
     fn admit(&mut self) {
+        self.resume();
+        if !self.preempted.is_empty() {
+            return;
+        }
         self.admit_burst();
         while self.running.len() < self.model.slots() {
-            let Some(a) = self.waiting.pop_front() else { break };
-            self.waiting_count.fetch_sub(1, Ordering::AcqRel);
+            let Some(a) = self.waiting.front() else { break };
             if a.cancel.load(Ordering::Relaxed) {
+                let a = self.waiting.pop_front().expect("a front request");
+                self.waiting_count.fetch_sub(1, Ordering::AcqRel);
                 let waited = a.submitted.elapsed();
                 cancelled_before_start(a, waited);
                 continue;
             }
-            // A plain sequence takes slot p; the speculative one there moves to the end.
-            let speculative = a.request.speculative.is_some();
-            let slot = if speculative { self.running.len() } else { self.plain() };
-            if slot < self.running.len() {
-                let (end, len) = (self.running.len(), self.running[slot].past);
-                if let Err(e) = self.move_cache(slot, end, len) {
+            // A paged cache: the prompt's blocks (its cached prefix reused), or it waits.
+            let reserved = match &mut self.pool {
+                Some(pool) => match pool.admit(&a.prompt[..a.prompt.len() - 1], a.prompt.len()) {
+                    Some(r) => Some(r),
+                    None => break,
+                },
+                None => None,
+            };
+            let a = self.waiting.pop_front().expect("a front request");
+            self.waiting_count.fetch_sub(1, Ordering::AcqRel);
+            let (mut table, cached) = reserved.map_or((None, 0), |(t, c)| (Some(t), c));
+            let slot = match self.open_slot(a.request.speculative.is_some(), table.as_ref()) {
+                Ok(slot) => slot,
+                Err(e) => {
+                    self.give_back(table);
                     return self.fail_all(e);
                 }
-            }
-            if let Some(d) = &mut self.draft {
-                d.release(slot);
-            }
+            };
             let queued = a.submitted.elapsed();
-            let prefilled = self.prefill(slot, &a.prompt, &a.cancel);
-            if !matches!(prefilled, Ok(Some(_))) && slot < self.running.len() {
-                // The speculative sequence moved out of the way goes back.
-                let (end, len) = (self.running.len(), self.running[slot].past);
-                if let Err(e) = self.move_cache(end, slot, len) {
+            let prefilled = self.prefill(slot, &a.prompt, cached, &a.cancel);
+            if !matches!(prefilled, Ok(Some(_))) {
+                self.give_back(table.take());
+                if let Err(e) = self.close_slot(slot) {
                     return self.fail_all(e);
                 }
             }
@@ -837,33 +958,68 @@ impl<F: Forward> Scheduler<F> {
                 }
             };
             let mut seq = self.sequence(a, queued);
+            (seq.table, seq.cached_prompt) = (table, cached);
+            self.commit(&mut seq);
             let row = logits.row(0);
             let row = row.as_slice().expect("logits rows are contiguous");
             self.running_count.store(self.running.len() + 1, Ordering::Release);
             self.next_token(&mut seq, row);
-            if slot < self.running.len() {
-                let moved = std::mem::replace(&mut self.running[slot], seq);
-                self.running.push(moved);
-            } else {
-                self.running.push(seq);
-            }
-            self.running_count.store(self.running.len(), Ordering::Release);
-            if self.running.iter().any(|s| s.done) {
-                self.release();
-            }
+            self.place(slot, seq);
         }
     }
 
-    /// Prefills `prompt` into `slot` in chunks of [`PREFILL_CHUNK`] tokens, the running plain
-    /// sequences decoding one step between chunks; returns the last position's logits, or
-    /// `None` when the request was cancelled on the way.
+    /// Frees slot `slot` for a new sequence (a plain one takes slot p, and the speculative
+    /// sequence there moves to the end; a speculative one takes the end), with `table` as its
+    /// blocks where the cache is paged; returns the slot.
+    fn open_slot(&mut self, speculative: bool, table: Option<&kv::Table>) -> Result<usize, RuntimeError> {
+        let slot = if speculative { self.running.len() } else { self.plain() };
+        if slot < self.running.len() {
+            let (end, len) = (self.running.len(), self.running[slot].past);
+            self.move_cache(slot, end, len)?;
+        }
+        if let Some(d) = &mut self.draft {
+            d.release(slot);
+        }
+        if let Some(t) = table {
+            self.model.bind_blocks(slot, t.blocks())?;
+        }
+        Ok(slot)
+    }
+
+    /// Undoes [`Self::open_slot`] for a sequence that did not start.
+    fn close_slot(&mut self, slot: usize) -> Result<(), RuntimeError> {
+        if slot < self.running.len() {
+            let (end, len) = (self.running.len(), self.running[slot].past);
+            self.move_cache(end, slot, len)?;
+        }
+        Ok(())
+    }
+
+    /// Puts `seq` in the slot [`Self::open_slot`] gave it.
+    fn place(&mut self, slot: usize, seq: Sequence) {
+        if slot < self.running.len() {
+            let moved = std::mem::replace(&mut self.running[slot], seq);
+            self.running.push(moved);
+        } else {
+            self.running.push(seq);
+        }
+        self.running_count.store(self.running.len(), Ordering::Release);
+        if self.running.iter().any(|s| s.done) {
+            self.release();
+        }
+    }
+
+    /// Prefills `prompt` from position `past` (the positions before are cached) into `slot`
+    /// in chunks of [`PREFILL_CHUNK`] tokens, the running plain sequences decoding one step
+    /// between chunks; returns the last position's logits, or `None` when the request was
+    /// cancelled on the way.
     fn prefill(
         &mut self,
         slot: usize,
         prompt: &[u32],
+        mut past: usize,
         cancel: &AtomicBool,
     ) -> Result<Option<Array2<f32>>, RuntimeError> {
-        let mut past = 0;
         loop {
             let end = (past + PREFILL_CHUNK).min(prompt.len());
             let logits = self.model.extend(slot, past, &prompt[past..end], 1)?;
@@ -877,7 +1033,7 @@ impl<F: Forward> Scheduler<F> {
             // Finished sequences keep their slots until `release`, which would move caches
             // under this prefill: with one among them, the step waits for the prefill.
             let p = self.plain();
-            if self.running[..p].iter().all(|s| !s.done && !s.cancel.load(Ordering::Relaxed)) {
+            if self.running[..p].iter().all(|s| !s.done && !s.cancel.load(Ordering::Relaxed)) && self.room_for_step(p) {
                 self.step_plain(p);
             }
         }
@@ -886,6 +1042,10 @@ impl<F: Forward> Scheduler<F> {
     /// One decode step: the plain sequences together, then each speculative one.
     fn step(&mut self) {
         self.release();
+        if self.make_room() {
+            // The preempted leave their slots.
+            self.release();
+        }
         let p = self.plain();
         self.step_plain(p);
         let mut running = std::mem::take(&mut self.running);
@@ -912,6 +1072,7 @@ impl<F: Forward> Scheduler<F> {
                 let mut running = std::mem::take(&mut self.running);
                 for (seq, row) in running.iter_mut().zip(logits.rows()) {
                     seq.past += 1;
+                    self.commit(seq);
                     self.next_token(seq, row.as_slice().expect("logits rows are contiguous"));
                 }
                 self.running = running;
@@ -933,6 +1094,8 @@ impl<F: Forward> Scheduler<F> {
         // Room for the drafts and the token after them, in the output and in the context.
         let room = (seq.request.max_new_tokens - seq.generated).min(self.model.max_context() - seq.past);
         let k = spec.k.min(room.saturating_sub(1));
+        let k = self.draft_room(slot, seq, k)?;
+        let spec = seq.spec.as_mut().expect("speculative sequence");
         let t = Instant::now();
         let drafts = match (spec.settings.method, &mut self.draft) {
             (_, _) if k == 0 => Vec::new(),
@@ -971,6 +1134,7 @@ impl<F: Forward> Scheduler<F> {
                 seq.spec.as_mut().expect("speculative sequence").stats.accepted += 1;
             }
             seq.past += 1;
+            self.commit(seq);
             let choice = seq.sampler.take(token, row);
             self.accept(seq, choice);
             if seq.done || last {
@@ -1006,9 +1170,7 @@ impl<F: Forward> Scheduler<F> {
             return self.finish(seq, reason);
         }
         seq.generated += 1;
-        if seq.spec.is_some() {
-            seq.history.push(id);
-        }
+        seq.history.push(id);
         if let Some(Err(e)) = seq.constraint.as_mut().map(|c| c.consume(id)) {
             return self.fail(seq, e);
         }
@@ -1101,11 +1263,15 @@ impl<F: Forward> Scheduler<F> {
                     return self.fail_all(e);
                 }
             }
-            if i < p {
+            let mut gone = if i < p {
                 self.running.swap(i, p - 1);
-                self.running.swap_remove(p - 1);
+                self.running.swap_remove(p - 1)
             } else {
-                self.running.swap_remove(i);
+                self.running.swap_remove(i)
+            };
+            self.free_blocks(&mut gone, true);
+            if gone.preempted {
+                self.requeue(gone);
             }
         }
     }
@@ -1117,7 +1283,11 @@ impl<F: Forward> Scheduler<F> {
         for a in &mut self.waiting {
             (a.sink)(Event::Failed(EngineError::ShutDown));
         }
+        for seq in &mut self.preempted {
+            (seq.sink)(Event::Failed(EngineError::ShutDown));
+        }
         self.running.clear();
+        self.preempted.clear();
         self.waiting.clear();
         self.running_count.store(0, Ordering::Release);
     }

@@ -8,10 +8,10 @@ use ndarray::Array2;
 
 use super::*;
 
-const VOCAB: usize = 32;
+pub(super) const VOCAB: usize = 32;
 const EOS: u32 = 1;
 
-struct Fake {
+pub(super) struct Fake {
     history: Vec<Vec<u32>>,
     context: usize,
     delay: Duration,
@@ -23,13 +23,13 @@ struct Fake {
 
 /// What the scheduler asked of the model.
 #[derive(Debug, Clone, Copy, PartialEq)]
-enum Call {
+pub(super) enum Call {
     Extend { slot: usize, past: usize, len: usize },
     Step { rows: usize },
 }
 
 impl Fake {
-    fn new(slots: usize, context: usize, delay: Duration, salt: u64) -> Self {
+    pub(super) fn new(slots: usize, context: usize, delay: Duration, salt: u64) -> Self {
         Fake { history: vec![Vec::new(); slots], context, delay, salt, calls: Arc::new(Mutex::new(Vec::new())) }
     }
 
@@ -38,7 +38,7 @@ impl Fake {
     }
 }
 
-fn logits(history: &[u32], salt: u64) -> Vec<f32> {
+pub(super) fn logits(history: &[u32], salt: u64) -> Vec<f32> {
     let mut h = 0xcbf2_9ce4_8422_2325u64 ^ salt;
     for &t in history {
         h = (h ^ t as u64).wrapping_mul(0x0100_0000_01b3);
@@ -99,7 +99,7 @@ impl Forward for Fake {
 
 /// Word-level tokenizer: `<unk>`, `</s>`, `<s>`, then two-letter words; decoding joins
 /// words with spaces.
-fn tokenizer() -> ModelTokenizer {
+pub(super) fn tokenizer() -> ModelTokenizer {
     let mut vocab = serde_json::Map::new();
     for (i, w) in ["<unk>", "</s>", "<s>"].iter().enumerate() {
         vocab.insert(w.to_string(), i.into());
@@ -126,10 +126,18 @@ fn tokenizer() -> ModelTokenizer {
 /// An engine over `fake` with room for `queue` waiting requests, and the fake's call log.
 fn engine_over(fake: Fake, queue: usize) -> (Engine, Arc<Mutex<Vec<Call>>>) {
     let calls = fake.calls.clone();
-    (Engine::start(move || Ok(fake), tokenizer(), EngineOptions { queue_capacity: queue }).expect("engine"), calls)
+    (
+        Engine::start(
+            move || Ok(fake),
+            tokenizer(),
+            EngineOptions { queue_capacity: queue, ..EngineOptions::default() },
+        )
+        .expect("engine"),
+        calls,
+    )
 }
 
-fn engine(slots: usize, queue: usize, delay: Duration) -> (Engine, Arc<Mutex<Vec<Call>>>) {
+pub(super) fn engine(slots: usize, queue: usize, delay: Duration) -> (Engine, Arc<Mutex<Vec<Call>>>) {
     engine_over(Fake::new(slots, 64, delay, 0), queue)
 }
 
@@ -138,13 +146,13 @@ fn steps(calls: &Mutex<Vec<Call>>) -> usize {
     calls.lock().expect("calls").iter().filter(|c| matches!(c, Call::Step { .. })).count()
 }
 
-fn request(prompt: &[u32], f: impl FnOnce(&mut Request)) -> Request {
+pub(super) fn request(prompt: &[u32], f: impl FnOnce(&mut Request)) -> Request {
     let mut r = Request { prompt: Prompt::Tokens(prompt.to_vec()), max_new_tokens: 20, ..Default::default() };
     f(&mut r);
     r
 }
 
-fn requests() -> Vec<Request> {
+pub(super) fn requests() -> Vec<Request> {
     vec![
         request(&[3, 4, 5], |_| {}),
         request(&[6], |r| (r.sampling.temperature, r.sampling.seed) = (1.0, Some(11))),
@@ -318,8 +326,13 @@ fn bad_requests_name_their_field() {
 fn engine_with_draft(slots: usize, salt: u64) -> Engine {
     let fake = move |salt| Fake::new(slots, 64, Duration::ZERO, salt);
     let draft: OpenDraft = Box::new(move || Ok(Box::new(fake(salt)) as Box<dyn Forward>));
-    Engine::start_with_draft(move || Ok(fake(0)), Some(draft), tokenizer(), EngineOptions { queue_capacity: 16 })
-        .expect("engine")
+    Engine::start_with_draft(
+        move || Ok(fake(0)),
+        Some(draft),
+        tokenizer(),
+        EngineOptions { queue_capacity: 16, ..EngineOptions::default() },
+    )
+    .expect("engine")
 }
 
 fn speculative(method: DraftMethod, draft_tokens: usize) -> Option<Speculation> {

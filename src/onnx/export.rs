@@ -250,7 +250,11 @@ pub fn export(
         serving_io: IoSpec {
             inputs: decoder::input_names(GraphForm::Serving, config.num_layers),
             outputs: decoder::output_names(config.num_layers),
-            kv_layout: "[batch, kv_heads, max_sequence_length, head_dim], one buffer bound as past and present".into(),
+            kv_layout: "[batch, kv_heads, max_sequence_length, head_dim], one buffer bound as past and present \
+                        (CUDA, TensorRT); CPU sessions page it: past and present are a block pool \
+                        [kv_heads, kv_blocks, 16, head_dim] and the input block_table [batch, blocks_per_row] \
+                        int32 names each row's blocks"
+                .into(),
         },
         tokenizer: TokenizerInfo {
             bos_id: model.tokenizer.bos_id,

@@ -14,6 +14,12 @@
 //!
 //! The KV cache is f32, or f16 ([`KvCache::F16`]): half the memory. f16 keys and values are
 //! widened as they are loaded; the arithmetic is the same f32 arithmetic either way.
+//!
+//! The cache is laid out one of two ways ([`Layout`]). Contiguous, as the contrib op:
+//! `[rows, kv_heads, context, head_dim]`. Paged: the past and present tensors are a pool of
+//! blocks `[kv_heads, blocks, block_size, head_dim]` shared by all rows, and an optional 10th
+//! input, the block table `[rows, blocks_per_row]` (i32), says which block holds each row's
+//! positions `j · block_size ..`. Both compute the same values in the same order.
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
@@ -58,6 +64,48 @@ pub fn move_nodes(graph: &mut pb::GraphProto, domain: &str, cache: KvCache) -> R
     Ok(moved)
 }
 
+/// The input that makes the cache paged: `[rows, blocks per row]` i32.
+pub const BLOCK_TABLE: &str = "block_table";
+
+/// Makes the KV cache of `graph`'s attention nodes (already moved by [`move_nodes`]) paged:
+/// a graph input [`BLOCK_TABLE`] becomes each node's 10th input, and the past and present
+/// tensors become the pool's shape, `[kv_heads, kv_blocks, block_size, head_dim]`.
+pub fn page(graph: &mut pb::GraphProto) {
+    let mut cache = Vec::new();
+    for node in graph.node.iter_mut().filter(|n| n.op_type == OP || n.op_type == F16_CACHE_OP) {
+        cache.extend(
+            node.input.get(3..5).into_iter().flatten().chain(node.output.get(1..3).into_iter().flatten()).cloned(),
+        );
+        node.input.resize(9, String::new());
+        node.input.push(BLOCK_TABLE.into());
+    }
+    let dim = |name: &str| pb::tensor_shape_proto::Dimension {
+        value: Some(pb::tensor_shape_proto::dimension::Value::DimParam(name.into())),
+        ..Default::default()
+    };
+    for v in graph.input.iter_mut().chain(graph.output.iter_mut()).filter(|v| cache.contains(&v.name)) {
+        if let Some(pb::type_proto::Value::TensorType(t)) = v.r#type.as_mut().and_then(|t| t.value.as_mut()) {
+            if let Some(shape) = t.shape.as_mut().filter(|s| s.dim.len() == 4) {
+                shape.dim[0] = dim("pool_kv_heads");
+                shape.dim[1] = dim("kv_blocks");
+                shape.dim[2] = dim("block_size");
+            }
+        }
+    }
+    let shape = pb::TensorShapeProto { dim: vec![dim("batch_size"), dim("blocks_per_row")] };
+    graph.input.push(pb::ValueInfoProto {
+        name: BLOCK_TABLE.into(),
+        r#type: Some(pb::TypeProto {
+            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                elem_type: pb::tensor_proto::DataType::Int32 as i32,
+                shape: Some(shape),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+}
+
 /// The operator: inputs and attributes as GroupQueryAttention's, the KV cache (past inputs
 /// 3 and 4, present outputs 1 and 2) of type `cache`.
 pub struct CachedAttention {
@@ -96,6 +144,7 @@ impl Operator for CachedAttention {
             OperatorInput::required(i),
             OperatorInput::required(f),
             OperatorInput::required(f),
+            OperatorInput::optional(i),
         ]
     }
 
@@ -191,22 +240,43 @@ impl AttentionKernel {
         };
         let (cache_shape, key_ptr, cache_len) = past(3)?;
         let (value_shape, value_ptr, _) = past(4)?;
+        let table = ctx.input(9)?;
+        let table = match &table {
+            Some(t) => Some(t.try_extract_tensor::<i32>()?),
+            None => None,
+        };
 
         let (h, kvh) = (self.heads, self.kv_heads);
         if qshape.len() != 3 || cache_shape.len() != 4 || rot_shape.len() != 2 {
             return Err(fail(format!("shapes query {qshape:?}, past {cache_shape:?}, cos {rot_shape:?}")));
         }
         let (b, s, width) = (qshape[0] as usize, qshape[1] as usize, qshape[2] as usize);
-        let (context, d) = (cache_shape[2] as usize, cache_shape[3] as usize);
+        let d = cache_shape[3] as usize;
         let positions = rot_shape[0] as usize;
+        let (layout, context, rows_fit) = match &table {
+            None => (
+                Layout::Contiguous { context: cache_shape[2] as usize },
+                cache_shape[2] as usize,
+                cache_shape[0] as usize == b,
+            ),
+            Some((tshape, tables)) => {
+                let (block, width) = (cache_shape[2] as usize, tshape.get(1).copied().unwrap_or(0) as usize);
+                let fits = tshape.len() == 2 && tshape[0] as usize == b && block > 0;
+                (Layout::Paged { block, tables, width, blocks: cache_shape[1] as usize }, width * block, fits)
+            }
+        };
+        let cache_heads = match layout {
+            Layout::Contiguous { .. } => cache_shape[1],
+            Layout::Paged { .. } => cache_shape[0],
+        };
         let packed = (h + 2 * kvh) * d;
         let widths_fit = match separate {
             None => width == packed,
             Some((k, v)) => width == h * d && k.len() == b * s * kvh * d && v.len() == k.len(),
         };
         if !widths_fit
-            || cache_shape[0] as usize != b
-            || cache_shape[1] as usize != kvh
+            || !rows_fit
+            || cache_heads as usize != kvh
             || rot_shape[1] as usize * 2 != d
             || sin.len() != cos.len()
             || value_shape != cache_shape
@@ -223,6 +293,12 @@ impl AttentionKernel {
             let total = usize::try_from(len).ok().map(|l| l + 1).filter(|&t| t >= s && t <= context.min(positions));
             let total = total.ok_or_else(|| fail(format!("seqlens_k[{row}] = {len} with {s} new tokens")))?;
             past.push(total - s);
+            if let Layout::Paged { block, tables, width, blocks } = layout {
+                let used = &tables[row * width..][..total.div_ceil(block)];
+                if let Some(bad) = used.iter().find(|&&j| usize::try_from(j).map_or(true, |j| j >= blocks)) {
+                    return Err(fail(format!("block_table[{row}] names block {bad} of a pool of {blocks}")));
+                }
+            }
         }
 
         let mut present_key = ctx.output(1, cache_shape.clone())?.ok_or_else(|| fail("output 1".into()))?;
@@ -259,7 +335,7 @@ impl AttentionKernel {
                     rotate(&token[head * d..][..d], c, sn, &mut q[((row * s + t) * h + head) * d..][..d]);
                 }
                 for g in 0..kvh {
-                    let at = ((row * kvh + g) * context + pos) * d;
+                    let at = layout.at(row, g, pos, kvh) * d;
                     rotate(&k[g * d..][..d], c, sn, &mut rotated);
                     T::narrow(&rotated, &mut keys[at..][..d]);
                     T::narrow(&v[g * d..][..d], &mut values[at..][..d]);
@@ -272,7 +348,8 @@ impl AttentionKernel {
         let (_, out) = out.try_extract_tensor_mut::<f32>()?;
         let mut partials = std::mem::take(&mut self.partials);
         let attention = Attention {
-            shape: Shape { heads: h, kv_heads: kvh, head_dim: d, context, seq: s },
+            shape: Shape { heads: h, kv_heads: kvh, head_dim: d, seq: s },
+            layout,
             past: &past,
             window: self.window,
             scale: self.scale.unwrap_or(1.0 / (d as f32).sqrt()),
@@ -356,9 +433,67 @@ fn simd_available() -> bool {
     false
 }
 
+/// Where the cache keeps each row's positions.
+#[derive(Clone, Copy, Debug)]
+enum Layout<'a> {
+    /// `[rows, kv_heads, context, head_dim]`.
+    Contiguous { context: usize },
+    /// A pool `[kv_heads, blocks, block, head_dim]` (head-major: a head's consecutive
+    /// blocks are one run of memory): row `r`'s position `p` is in block
+    /// `tables[r · width + p / block]` (checked to be in the pool for the positions used).
+    Paged { block: usize, tables: &'a [i32], width: usize, blocks: usize },
+}
+
+impl Layout<'_> {
+    /// Index (in rows of `head_dim` values) of `row`'s position `pos` in KV group `g`.
+    #[inline(always)]
+    fn at(&self, row: usize, g: usize, pos: usize, kv_heads: usize) -> usize {
+        match *self {
+            Layout::Contiguous { context } => (row * kv_heads + g) * context + pos,
+            Layout::Paged { block, tables, width, blocks } => {
+                let _ = kv_heads;
+                (g * blocks + tables[row * width + pos / block] as usize) * block + pos % block
+            }
+        }
+    }
+
+    /// `positions` of `row`, group `g`, as runs stored one after another (consecutive
+    /// blocks are one run): calls `f` with each run's first position, its length and its
+    /// index (as [`Self::at`]).
+    #[inline(always)]
+    fn runs(
+        &self,
+        row: usize,
+        g: usize,
+        kv_heads: usize,
+        positions: std::ops::Range<usize>,
+        mut f: impl FnMut(usize, usize, usize),
+    ) {
+        match *self {
+            Layout::Contiguous { .. } => {
+                f(positions.start, positions.len(), self.at(row, g, positions.start, kv_heads))
+            }
+            Layout::Paged { block, tables, width, .. } => {
+                let table = &tables[row * width..][..width];
+                let mut pos = positions.start;
+                while pos < positions.end {
+                    // Extend the run over blocks that follow each other in the pool.
+                    let (first, mut j) = (pos, pos / block);
+                    while (j + 1) * block < positions.end && table[j + 1] == table[j] + 1 {
+                        j += 1;
+                    }
+                    pos = ((j + 1) * block).min(positions.end);
+                    f(first, pos - first, self.at(row, g, first, kv_heads));
+                }
+            }
+        }
+    }
+}
+
 /// One call's attention, after the rotary embedding and the cache writes.
 struct Attention<'a> {
     shape: Shape,
+    layout: Layout<'a>,
     /// Cached positions before each row's new tokens.
     past: &'a [usize],
     window: Option<usize>,
@@ -442,7 +577,6 @@ struct Shape {
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
-    context: usize,
     seq: usize,
 }
 
@@ -494,12 +628,11 @@ impl Job<'_> {
         values: &[T],
         partial: &mut [f32],
     ) {
-        let Attention { shape, past, window, scale, .. } = *self.attention;
-        let Shape { heads, kv_heads, head_dim, context, seq } = shape;
+        let Attention { shape, layout, past, window, scale, .. } = *self.attention;
+        let Shape { heads, kv_heads, head_dim, seq } = shape;
         let d = if D > 0 { D } else { head_dim };
         let group = heads / kv_heads;
-        let cache = (self.row * kv_heads + self.group) * context * d;
-        let (keys, values) = (&keys[cache..][..context * d], &values[cache..][..context * d]);
+        let (row, g) = (self.row, self.group);
         let mut scores = vec![0f32; self.keys.len()];
         for t in self.queries.clone() {
             let pos = past[self.row] + t;
@@ -513,11 +646,16 @@ impl Job<'_> {
                     continue;
                 }
                 let scores = &mut scores[..end - first];
-                lanes::scores::<T, AVX2>(qv, &keys[first * d..end * d], scores);
+                layout.runs(row, g, kv_heads, first..end, |pos, n, at| {
+                    lanes::scores::<T, AVX2>(qv, &keys[at * d..][..n * d], &mut scores[pos - first..][..n]);
+                });
                 let max = scores.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * scale;
                 scores.iter_mut().for_each(|v| *v = exp(*v * scale - max));
                 let (head, acc) = p.split_at_mut(2);
-                lanes::weighted_sum::<T, AVX2>(scores, &values[first * d..end * d], acc);
+                acc.fill(0.0);
+                layout.runs(row, g, kv_heads, first..end, |pos, n, at| {
+                    lanes::weighted_sum::<T, AVX2>(&scores[pos - first..][..n], &values[at * d..][..n * d], acc);
+                });
                 head.copy_from_slice(&[max, sum(scores)]);
             }
         }
@@ -545,7 +683,7 @@ mod lanes {
         }
     }
 
-    /// `acc = Σ_k w[k] · values[k]` over the rows of `values` (rows of `acc.len()`).
+    /// `acc += Σ_k w[k] · values[k]` over the rows of `values` (rows of `acc.len()`).
     #[inline(always)]
     pub fn weighted_sum<T: CacheElement, const AVX2: bool>(w: &[f32], values: &[T], acc: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
@@ -553,7 +691,6 @@ mod lanes {
             // SAFETY: AVX2, FMA and F16C are there (the callers' promise).
             return unsafe { weighted_sum_avx2(w, values, acc) };
         }
-        acc.fill(0.0);
         for (&wk, value) in w.iter().zip(values.chunks_exact(acc.len())) {
             acc.iter_mut().zip(value).for_each(|(y, &v)| *y += wk * v.to_f32());
         }
@@ -604,9 +741,11 @@ mod lanes {
             for (qi, ki) in q8.iter().zip(key.as_chunks().0) {
                 a = _mm256_fmadd_ps(load8(qi), load8(ki), a);
             }
-            let h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps::<1>(a));
-            let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-            *o = _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps::<1>(h, h)));
+            // Summed in the order of the four-key reduction above, so a key's score does not
+            // depend on where it falls in its run.
+            let h = _mm256_hadd_ps(a, a);
+            let h = _mm256_hadd_ps(h, h);
+            *o = _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h)));
         }
     }
 
@@ -621,6 +760,10 @@ mod lanes {
         while col < d {
             let width = (d - col).min(64);
             let mut a = [_mm256_setzero_ps(); 8];
+            for (aj, y) in a.iter_mut().zip(acc[col..col + width].as_chunks::<8>().0) {
+                // SAFETY: `y` holds eight values.
+                *aj = unsafe { _mm256_loadu_ps(y.as_ptr()) };
+            }
             for (&wk, row) in w.iter().zip(values.chunks_exact(d)) {
                 let wv = _mm256_set1_ps(wk);
                 for (aj, v) in a.iter_mut().zip(row[col..col + width].as_chunks().0) {
@@ -779,18 +922,19 @@ mod tests {
 
     /// Softmax attention written out, one query head at a time.
     fn naive(a: &Attention, q: &[f32], keys: &[f32], values: &[f32]) -> Vec<f32> {
-        let Shape { heads, kv_heads, head_dim: d, context, seq } = a.shape;
+        let Shape { heads, kv_heads, head_dim: d, seq } = a.shape;
         let mut out = vec![0f32; a.past.len() * seq * heads * d];
         for (row, &past) in a.past.iter().enumerate() {
             for t in 0..seq {
                 let pos = past + t;
                 let first = a.window.map_or(0, |w| (pos + 1).saturating_sub(w));
                 for h in 0..heads {
-                    let cache = (row * kv_heads + h / (heads / kv_heads)) * context * d;
+                    let g = h / (heads / kv_heads);
+                    let at = |k: usize| a.layout.at(row, g, k, kv_heads) * d;
                     let qv = &q[((row * seq + t) * heads + h) * d..][..d];
                     let scores: Vec<f64> = (first..=pos)
                         .map(|k| {
-                            let key = &keys[cache + k * d..][..d];
+                            let key = &keys[at(k)..][..d];
                             qv.iter().zip(key).map(|(x, y)| f64::from(x * y)).sum::<f64>() * f64::from(a.scale)
                         })
                         .collect();
@@ -799,7 +943,7 @@ mod tests {
                     let total: f64 = weights.iter().sum();
                     let y = &mut out[((row * seq + t) * heads + h) * d..][..d];
                     for (w, k) in weights.iter().zip(first..=pos) {
-                        for (y, v) in y.iter_mut().zip(&values[cache + k * d..][..d]) {
+                        for (y, v) in y.iter_mut().zip(&values[at(k)..][..d]) {
                             *y += (w / total * f64::from(*v)) as f32;
                         }
                     }
@@ -823,7 +967,7 @@ mod tests {
         ];
         for (d, seq, pasts, window) in cases {
             let (heads, kv_heads, context) = (6, 2, 800);
-            let shape = Shape { heads, kv_heads, head_dim: d, context, seq };
+            let shape = Shape { heads, kv_heads, head_dim: d, seq };
             let rows = pasts.len();
             let q = noise(rows * seq * heads * d, 1);
             // Values an f16 cache holds exactly, so both caches must give the same result.
@@ -836,7 +980,8 @@ mod tests {
                 Ok(())
             };
             for simd in [false, simd_available()] {
-                let a = Attention { shape, past: &pasts, window, scale: 0.3, simd };
+                let layout = Layout::Contiguous { context };
+                let a = Attention { shape, layout, past: &pasts, window, scale: 0.3, simd };
                 let want = naive(&a, &q, &keys, &values);
                 let mut out = vec![f32::NAN; want.len()];
                 a.run(&q, &keys, &values, &mut Vec::new(), &mut out, sequential).expect("runs");
@@ -845,6 +990,57 @@ mod tests {
                 let mut from_f16 = vec![f32::NAN; want.len()];
                 a.run(&q, &f16_keys, &f16_values, &mut Vec::new(), &mut from_f16, sequential).expect("runs");
                 assert_eq!(from_f16, out, "head_dim {d}, seq {seq}, pasts {pasts:?}, simd {simd}: f16 cache");
+            }
+        }
+    }
+
+    /// A paged cache — each row's positions scattered over a shuffled pool of blocks of 16 —
+    /// gives exactly the contiguous cache's result, f32 and f16, both kernels.
+    #[test]
+    fn a_paged_cache_attends_exactly_as_the_contiguous_one() {
+        let (heads, kv_heads, d, block, context) = (6, 2, 64, 16, 800);
+        let width = context / block;
+        for (seq, pasts, window) in [(1, vec![700, 3, 17], None), (21, vec![290, 0], Some(100))] {
+            let rows = pasts.len();
+            let shape = Shape { heads, kv_heads, head_dim: d, seq };
+            let q = noise(rows * seq * heads * d, 4);
+            let keys = noise(rows * kv_heads * context * d, 5);
+            let values = noise(keys.len(), 6);
+            // Row r's j-th block is pool block `tables[r · width + j]`: a fixed shuffle, and
+            // runs of consecutive blocks (read as one).
+            let blocks = rows * width;
+            let shuffled = (0..blocks).map(|i| ((i * 37 + 11) % blocks) as i32);
+            let groups = blocks / 5;
+            let runs = (0..blocks).map(|i| ((i / 5 * 7 + 3) % groups * 5 + i % 5) as i32);
+            for tables in [shuffled.collect::<Vec<i32>>(), runs.collect()] {
+                let contiguous = Layout::Contiguous { context };
+                let paged = Layout::Paged { block, tables: &tables, width, blocks };
+                let (mut pool_keys, mut pool_values) = (vec![f32::NAN; keys.len()], vec![f32::NAN; values.len()]);
+                for row in 0..rows {
+                    for g in 0..kv_heads {
+                        for pos in 0..context {
+                            let (from, to) =
+                                (contiguous.at(row, g, pos, kv_heads) * d, paged.at(row, g, pos, kv_heads) * d);
+                            pool_keys[to..][..d].copy_from_slice(&keys[from..][..d]);
+                            pool_values[to..][..d].copy_from_slice(&values[from..][..d]);
+                        }
+                    }
+                }
+                let sequential = |n: usize, task: &(dyn Fn(usize) + Sync + Send)| -> Result<(), ()> {
+                    (0..n).for_each(task);
+                    Ok(())
+                };
+                for simd in [false, simd_available()] {
+                    let run = |layout, keys: &[f32], values: &[f32]| {
+                        let a = Attention { shape, layout, past: &pasts, window, scale: 0.2, simd };
+                        let mut out = vec![f32::NAN; rows * seq * heads * d];
+                        a.run(&q, keys, values, &mut Vec::new(), &mut out, sequential).expect("runs");
+                        out
+                    };
+                    let want = run(contiguous, &keys, &values);
+                    assert!(want.iter().all(|v| v.is_finite()));
+                    assert_eq!(run(paged, &pool_keys, &pool_values), want, "seq {seq}, pasts {pasts:?}, simd {simd}");
+                }
             }
         }
     }

@@ -23,11 +23,15 @@ pub fn domain() -> ort::Result<OperatorDomain> {
 /// Rewrites `serving.onnx` for a CPU session: attention always runs kiln's kernel;
 /// quantized MatMuls do where `int8_matmuls` (int8 activations allowed) and the CPU has
 /// AVX-512 VNNI, else ONNX Runtime fuses them into MatMulNBits as before. The KV cache
-/// (graph inputs `past_key_values.*`, outputs `present.*`) becomes `cache`.
-pub fn rewrite(model: &mut pb::ModelProto, int8_matmuls: bool, cache: KvCache) -> Result<(), String> {
+/// (graph inputs `past_key_values.*`, outputs `present.*`) becomes `cache`; `paged` makes it
+/// a block pool read through the new input `block_table` ([`attention::page`]).
+pub fn rewrite(model: &mut pb::ModelProto, int8_matmuls: bool, cache: KvCache, paged: bool) -> Result<(), String> {
     let graph = model.graph.as_mut().ok_or("the model has no graph")?;
     if attention::move_nodes(graph, DOMAIN, cache)? == 0 {
         return Err("the graph has no GroupQueryAttention node".into());
+    }
+    if paged {
+        attention::page(graph);
     }
     if int8_matmuls && matmul::available() {
         matmul::fuse(graph, DOMAIN);

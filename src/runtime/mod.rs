@@ -24,7 +24,7 @@ mod cpu;
 mod matmul;
 mod serving;
 
-pub use serving::ServingDecoder;
+pub use serving::{ServingDecoder, BLOCK_SIZE};
 
 /// File name of the ONNX Runtime library in the cache.
 pub const ORT_LIBRARY: &str = "libonnxruntime.so.1.31.1";
@@ -103,6 +103,14 @@ impl KvCache {
         match self {
             KvCache::F32 => "f32",
             KvCache::F16 => "f16",
+        }
+    }
+
+    /// Bytes per cached value.
+    pub fn element_bytes(self) -> usize {
+        match self {
+            KvCache::F32 => 4,
+            KvCache::F16 => 2,
         }
     }
 
@@ -280,6 +288,9 @@ pub struct SessionOptions {
     pub matmul_accuracy_level: Option<u8>,
     /// The serving graph's KV cache; `None`: [`KvCache::default_for`] the artifact.
     pub kv_cache: Option<KvCache>,
+    /// Keep the serving graph's KV cache contiguous on the CPU too (slot-sized regions, no
+    /// paging, no prefix cache): the layout CUDA and TensorRT use, for comparison.
+    pub contiguous_kv: bool,
     /// Write ONNX Runtime's optimized graph here (to inspect what it fused).
     pub optimized_model_path: Option<PathBuf>,
 }
@@ -336,8 +347,8 @@ fn read_manifest(dir: &Path) -> Result<Manifest, RuntimeError> {
 
 /// A session for the graph at `path` (of `form`) with `opts`. A GPU provider that cannot
 /// register is an error, never a silent fallback to the CPU. On the CPU, the serving graph's
-/// attention runs kiln's kernel ([`attention`]).
-fn open_session(path: &Path, form: GraphForm, opts: &SessionOptions) -> Result<Session, RuntimeError> {
+/// attention runs kiln's kernel ([`attention`]), over a paged KV cache where `paged`.
+fn open_session(path: &Path, form: GraphForm, opts: &SessionOptions, paged: bool) -> Result<Session, RuntimeError> {
     let env = environment()?;
     let fail = |reason: String| RuntimeError::Session { path: path.to_path_buf(), reason };
     let level = match opts.optimization {
@@ -396,7 +407,8 @@ fn open_session(path: &Path, form: GraphForm, opts: &SessionOptions) -> Result<S
     let cpu_serving = form == GraphForm::Serving && opts.provider == Provider::Cpu;
     if cpu_serving {
         // Accuracy levels below 4 ask for f32 arithmetic: MatMulNBits keeps the products then.
-        cpu::rewrite(&mut model, opts.int8_activations(), opts.kv_cache.unwrap_or(KvCache::F32)).map_err(fail)?;
+        let cache = opts.kv_cache.unwrap_or(KvCache::F32);
+        cpu::rewrite(&mut model, opts.int8_activations(), cache, paged).map_err(fail)?;
         b = b.with_operators(cpu::domain().map_err(|e| fail(e.to_string()))?).map_err(|e| fail(e.to_string()))?;
     }
     let session = if cpu_serving || aliased > 0 {
@@ -438,8 +450,30 @@ pub trait Forward {
     /// One token for each of slots `0..rows.len()`: `rows[i] = (token, cached positions of
     /// slot i)`. Returns `[rows, vocab]`.
     fn step(&mut self, rows: &[(u32, usize)]) -> Result<Array2<f32>, RuntimeError>;
-    /// Copies the first `len` cached positions of slot `from` to slot `to`.
+    /// Copies the first `len` cached positions of slot `from` to slot `to` (a paged cache
+    /// swaps the two slots' block tables instead).
     fn move_slot(&mut self, from: usize, to: usize, len: usize) -> Result<(), RuntimeError>;
+    /// The paged KV pool, where the cache is one: the engine then keeps the pool's books
+    /// ([`crate::engine::kv`]) and gives each slot its blocks with [`Self::bind_blocks`].
+    fn kv_pool(&self) -> Option<KvPool> {
+        None
+    }
+    /// Makes `blocks` (pool block ids, in position order) `slot`'s block table.
+    fn bind_blocks(&mut self, slot: usize, blocks: &[u32]) -> Result<(), RuntimeError> {
+        let _ = blocks;
+        Err(RuntimeError::Run(format!("bind_blocks: slot {slot}: the KV cache is not paged")))
+    }
+}
+
+/// A paged KV cache's size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvPool {
+    /// Blocks in the pool.
+    pub blocks: usize,
+    /// Positions per block.
+    pub block_size: usize,
+    /// Bytes of one block: keys and values of every layer.
+    pub block_bytes: usize,
 }
 
 /// Key/value tensors of every layer, `[batch, kv_heads, positions, head_dim]` each.
@@ -478,7 +512,7 @@ impl OrtDecoder {
     /// error, never a silent fallback to the CPU.
     pub fn open(dir: &Path, opts: &SessionOptions) -> Result<Self, RuntimeError> {
         let manifest = read_manifest(dir)?;
-        let session = open_session(&dir.join(manifest::MODEL_FILE), GraphForm::Portable, opts)?;
+        let session = open_session(&dir.join(manifest::MODEL_FILE), GraphForm::Portable, opts, false)?;
         Ok(OrtDecoder { session, manifest })
     }
 

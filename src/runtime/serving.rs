@@ -3,9 +3,15 @@
 //! `past_key_values.*` inputs and the `present.*` outputs of GroupQueryAttention: a decode
 //! step writes its one new position in place and nothing is copied or reallocated.
 //!
-//! Slot `s` is row `s` of every buffer (`[slots, kv_heads, context, head_dim]`, slot-major),
-//! so one slot, or slots `0..n`, is a contiguous region that ONNX Runtime can read and
-//! write directly. The buffers hold f32, or f16 on the CPU ([`KvCache`]).
+//! On CUDA and TensorRT the buffers are contiguous: slot `s` is row `s` of every buffer
+//! (`[slots, kv_heads, context, head_dim]`, slot-major), so one slot, or slots `0..n`, is a
+//! region that ONNX Runtime's GroupQueryAttention reads and writes directly. On the CPU they
+//! are paged: a pool of blocks (`[kv_heads, blocks, block_size, head_dim]`) that kiln's
+//! attention kernel reads through each slot's block table (input `block_table`,
+//! `[rows, blocks per slot]` i32). A paged decoder starts with every slot owning blocks for
+//! its whole context; the engine, which owns the pool's bookkeeping
+//! ([`crate::engine::kv`]), gives slots other tables with [`Forward::bind_blocks`]. The
+//! buffers hold f32, or f16 on the CPU ([`KvCache`]).
 
 use std::ffi::CStr;
 use std::path::Path;
@@ -18,7 +24,7 @@ use ort::session::{OutputSelector, RunOptions, Session};
 use ort::value::{DynValue, PrimitiveTensorElementType, Tensor, Value};
 use ort::AsPointer;
 
-use super::{open_session, read_manifest, Forward, KvCache, Provider, RuntimeError, SessionOptions};
+use super::{open_session, read_manifest, Forward, KvCache, KvPool, Provider, RuntimeError, SessionOptions};
 use crate::onnx::decoder::GraphForm;
 use crate::onnx::manifest::{self, Manifest};
 
@@ -29,14 +35,54 @@ pub struct ServingDecoder {
     slots: usize,
     context: usize,
     kv: KvBuffers,
+    /// The block tables of a paged cache.
+    paged: Option<Paged>,
     memory: MemoryInfo<'static>,
     allocator: Allocator,
 }
 
+/// A paged cache's shape and block tables.
+struct Paged {
+    /// Positions per block.
+    block: usize,
+    /// Blocks in the pool.
+    blocks: usize,
+    /// Entries per slot's table: blocks for `context` positions.
+    width: usize,
+    /// `[slots, width]`.
+    tables: Vec<i32>,
+}
+
+/// Positions per block of a paged cache.
+pub const BLOCK_SIZE: usize = crate::engine::kv::BLOCK_SIZE;
+
 impl ServingDecoder {
     /// Opens `dir/serving.onnx` with KV buffers for `slots` sequences of up to `context`
-    /// positions each (at most the artifact's `max_context`).
+    /// positions each (at most the artifact's `max_context`): paged on the CPU, each slot
+    /// owning the blocks of its whole context; contiguous elsewhere.
     pub fn open(dir: &Path, opts: &SessionOptions, slots: usize, context: usize) -> Result<Self, RuntimeError> {
+        Self::open_with(dir, opts, slots, context, None)
+    }
+
+    /// As [`open`](Self::open), on the CPU with a pool of `blocks` blocks of [`BLOCK_SIZE`]
+    /// positions shared by the slots (their tables set by [`Forward::bind_blocks`]).
+    pub fn open_pool(
+        dir: &Path,
+        opts: &SessionOptions,
+        slots: usize,
+        context: usize,
+        blocks: usize,
+    ) -> Result<Self, RuntimeError> {
+        Self::open_with(dir, opts, slots, context, Some(blocks))
+    }
+
+    fn open_with(
+        dir: &Path,
+        opts: &SessionOptions,
+        slots: usize,
+        context: usize,
+        blocks: Option<usize>,
+    ) -> Result<Self, RuntimeError> {
         let manifest = read_manifest(dir)?;
         let bad = |reason: String| RuntimeError::Artifact { path: dir.to_path_buf(), reason };
         if slots == 0 || context == 0 {
@@ -59,9 +105,27 @@ impl ServingDecoder {
         if cache == KvCache::F16 && opts.provider != Provider::Cpu {
             return Err(bad(format!("an f16 KV cache runs on the CPU only, not {}", opts.provider.name())));
         }
+        let cpu = opts.provider == Provider::Cpu && !opts.contiguous_kv;
+        if blocks.is_some() && !cpu {
+            return Err(bad(format!(
+                "a paged KV cache runs on the CPU only (not {}) and not with a contiguous KV layout",
+                opts.provider.name()
+            )));
+        }
+        let width = context.div_ceil(BLOCK_SIZE);
+        let paged = cpu.then(|| {
+            let blocks = blocks.unwrap_or(slots * width);
+            // Slot s owns blocks s · width .. until the engine binds others.
+            let tables = (0..slots * width).map(|i| if blocks == slots * width { i as i32 } else { 0 }).collect();
+            Paged { block: BLOCK_SIZE, blocks, width, tables }
+        });
+        if paged.as_ref().is_some_and(|p| p.blocks == 0) {
+            return Err(bad("a KV pool of 0 blocks".into()));
+        }
         let opts = SessionOptions { kv_cache: Some(cache), ..opts.clone() };
-        let session = open_session(&dir.join(manifest::SERVING_FILE), GraphForm::Serving, &opts)?;
-        let len = slots * c.num_kv_heads * context * c.head_dim;
+        let session = open_session(&dir.join(manifest::SERVING_FILE), GraphForm::Serving, &opts, paged.is_some())?;
+        let positions = paged.as_ref().map_or(slots * context, |p| p.blocks * p.block);
+        let len = positions * c.num_kv_heads * c.head_dim;
         let kv = match cache {
             KvCache::F32 => KvBuffers::F32((0..2 * c.num_layers).map(|_| vec![0.0; len]).collect()),
             KvCache::F16 => KvBuffers::F16((0..2 * c.num_layers).map(|_| vec![f16::ZERO; len]).collect()),
@@ -70,7 +134,15 @@ impl ServingDecoder {
             |e: ort::Error| RuntimeError::Session { path: dir.join(manifest::SERVING_FILE), reason: e.to_string() };
         let memory =
             MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default).map_err(run)?;
-        Ok(ServingDecoder { session, manifest, slots, context, kv, memory, allocator: Allocator::default() })
+        Ok(ServingDecoder { session, manifest, slots, context, kv, paged, memory, allocator: Allocator::default() })
+    }
+
+    /// Bytes of one paged KV block (keys and values of every layer) of the artifact of
+    /// `manifest` opened with `opts`.
+    pub fn block_bytes(manifest: &Manifest, opts: &SessionOptions) -> usize {
+        let cache = opts.kv_cache.unwrap_or_else(|| KvCache::default_for(manifest, opts));
+        let c = &manifest.config;
+        2 * c.num_layers * c.num_kv_heads * BLOCK_SIZE * c.head_dim * cache.element_bytes()
     }
 
     /// The artifact's manifest.
@@ -120,8 +192,18 @@ impl ServingDecoder {
             ("logits_to_keep".into(), Tensor::from_array(([1], vec![last as i64])).map_err(err)?.into_dyn()),
         ];
         let c = &self.manifest.config;
-        let shape = [rows as i64, c.num_kv_heads as i64, self.context as i64, c.head_dim as i64];
-        let region = first * self.per_slot()..(first + rows) * self.per_slot();
+        let (kvh, d) = (c.num_kv_heads as i64, c.head_dim as i64);
+        let (shape, region) = match &self.paged {
+            Some(p) => {
+                let table = p.tables[first * p.width..(first + rows) * p.width].to_vec();
+                let table = Tensor::from_array(([rows, p.width], table)).map_err(err)?.into_dyn();
+                feeds.push(("block_table".into(), table));
+                ([kvh, p.blocks as i64, p.block as i64, d], 0..p.blocks * p.block * (kvh * d) as usize)
+            }
+            None => {
+                ([rows as i64, kvh, self.context as i64, d], first * self.per_slot()..(first + rows) * self.per_slot())
+            }
+        };
         let mut outputs = OutputSelector::default();
         // SAFETY: the buffers are never resized, and the views are dropped before this
         // function returns, while `self.kv` is still borrowed.
@@ -233,6 +315,33 @@ impl Forward for ServingDecoder {
         self.slots
     }
 
+    fn kv_pool(&self) -> Option<KvPool> {
+        let c = &self.manifest.config;
+        let element = self.kv_cache().element_bytes();
+        self.paged.as_ref().map(|p| KvPool {
+            blocks: p.blocks,
+            block_size: p.block,
+            block_bytes: 2 * c.num_layers * c.num_kv_heads * p.block * c.head_dim * element,
+        })
+    }
+
+    fn bind_blocks(&mut self, slot: usize, blocks: &[u32]) -> Result<(), RuntimeError> {
+        let p =
+            self.paged.as_mut().ok_or_else(|| RuntimeError::Run("bind_blocks: the KV cache is not paged".into()))?;
+        if slot >= self.slots || blocks.len() > p.width || blocks.iter().any(|&b| b as usize >= p.blocks) {
+            return Err(RuntimeError::Run(format!(
+                "bind_blocks: slot {slot} of {}, {} blocks (at most {}) of a pool of {}",
+                self.slots,
+                blocks.len(),
+                p.width,
+                p.blocks
+            )));
+        }
+        let row = &mut p.tables[slot * p.width..][..p.width];
+        row[..blocks.len()].iter_mut().zip(blocks).for_each(|(t, &b)| *t = b as i32);
+        Ok(())
+    }
+
     fn max_context(&self) -> usize {
         self.context
     }
@@ -292,6 +401,13 @@ impl Forward for ServingDecoder {
             return Err(RuntimeError::Run(format!("move_slot {from} → {to} ({len} positions) of {}", self.slots)));
         }
         if from == to {
+            return Ok(());
+        }
+        if let Some(p) = &mut self.paged {
+            // The tables trade places: nothing is copied, and no block is held twice.
+            for j in 0..p.width {
+                p.tables.swap(from * p.width + j, to * p.width + j);
+            }
             return Ok(());
         }
         let (per_slot, heads) = (self.per_slot(), self.manifest.config.num_kv_heads);

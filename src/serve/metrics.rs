@@ -77,6 +77,7 @@ pub struct Metrics {
     queue: Histogram,
     duration: Histogram,
     prompt_tokens: AtomicU64,
+    cached_prompt_tokens: AtomicU64,
     generated_tokens: AtomicU64,
     finished: [[AtomicU64; REASONS.len()]; Protocol::ALL.len()],
     rejected: [AtomicU64; Protocol::ALL.len()],
@@ -107,6 +108,7 @@ impl Metrics {
         self.queue.observe(s.queue_time);
         self.duration.observe(s.total_time);
         self.prompt_tokens.fetch_add(s.prompt_tokens as u64, Ordering::Relaxed);
+        self.cached_prompt_tokens.fetch_add(s.cached_prompt_tokens as u64, Ordering::Relaxed);
         self.generated_tokens.fetch_add(s.generated_tokens as u64, Ordering::Relaxed);
         if let Some(x) = &s.speculative {
             self.spec_steps.fetch_add(x.steps as u64, Ordering::Relaxed);
@@ -157,6 +159,18 @@ impl Metrics {
         );
         counter(
             &mut out,
+            "kiln_prefix_cache_queried_tokens_total",
+            "Prompt tokens looked up in the prefix cache (of finished requests).",
+            self.prompt_tokens.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "kiln_prefix_cache_hit_tokens_total",
+            "Prompt tokens whose KV blocks came from the prefix cache.",
+            self.cached_prompt_tokens.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
             "kiln_generated_tokens_total",
             "Tokens generated.",
             self.generated_tokens.load(Ordering::Relaxed),
@@ -202,6 +216,11 @@ impl Metrics {
         gauge(&mut out, "kiln_queued_requests", "Requests waiting for a slot.", load.waiting);
         gauge(&mut out, "kiln_kv_slots_in_use", "KV cache slots holding a sequence.", load.running);
         gauge(&mut out, "kiln_kv_slots", "KV cache slots allocated.", slots);
+        gauge(&mut out, "kiln_kv_blocks_in_use", "Paged KV blocks sequences hold (CPU).", load.kv_blocks_in_use);
+        gauge(&mut out, "kiln_kv_blocks", "Paged KV blocks in the pool (CPU).", load.kv_blocks);
+        let name = "kiln_preemptions_total";
+        let help = "Sequences preempted (KV blocks freed, recomputed later) when the pool ran dry.";
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", load.preemptions);
         out
     }
 }
@@ -248,7 +267,7 @@ async fn answer(
         ("GET", "/metrics") => {
             let (load, slots) = match engine.get() {
                 Some(e) => (e.load(), e.slots()),
-                None => (Load { running: 0, waiting: 0 }, 0),
+                None => (Load { running: 0, waiting: 0, kv_blocks_in_use: 0, kv_blocks: 0, preemptions: 0 }, 0),
             };
             ("200 OK", "text/plain; version=0.0.4; charset=utf-8", metrics.render(load, slots))
         }
@@ -290,7 +309,7 @@ mod tests {
         m.outcome(Protocol::Http, Outcome::Finished(&FinishReason::StopToken(3)));
         m.outcome(Protocol::Http, Outcome::Cancelled);
         m.rejected(Protocol::Http);
-        let out = m.render(Load { running: 2, waiting: 1 }, 4);
+        let out = m.render(Load { running: 2, waiting: 1, kv_blocks_in_use: 5, kv_blocks: 64, preemptions: 3 }, 4);
         assert!(out.contains("kiln_requests_total{protocol=\"grpc\",finish_reason=\"stop\"} 2\n"), "{out}");
         assert!(out.contains("kiln_requests_total{protocol=\"http\",finish_reason=\"stop\"} 1\n"), "{out}");
         assert!(out.contains("kiln_requests_total{protocol=\"http\",finish_reason=\"cancelled\"} 1\n"), "{out}");
@@ -298,5 +317,7 @@ mod tests {
         assert!(out.contains("kiln_requests_rejected_total{protocol=\"http\"} 1\n"), "{out}");
         assert!(out.contains("kiln_requests_rejected_total{protocol=\"grpc\"} 0\n"), "{out}");
         assert!(out.contains("kiln_kv_slots_in_use 2\n") && out.contains("kiln_queued_requests 1\n"), "{out}");
+        assert!(out.contains("kiln_kv_blocks_in_use 5\n") && out.contains("kiln_kv_blocks 64\n"), "{out}");
+        assert!(out.contains("kiln_preemptions_total 3\n"), "{out}");
     }
 }

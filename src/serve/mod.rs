@@ -51,8 +51,12 @@ pub struct ServeOptions {
     pub http_addr: Option<SocketAddr>,
     /// ONNX Runtime session settings.
     pub session: SessionOptions,
-    /// Sequences that run at once (KV cache slots).
+    /// Most sequences that run at once.
     pub max_sequences: usize,
+    /// Bytes of the paged KV pool (CPU); `None`: [`default_kv_memory`].
+    pub kv_memory: Option<u64>,
+    /// Reuse cached prompt prefixes' KV blocks.
+    pub prefix_cache: bool,
     /// Positions per sequence (capped by the artifact's context).
     pub context: usize,
     /// Requests that may wait for a slot.
@@ -65,6 +69,68 @@ pub struct ServeOptions {
     pub max_message_bytes: usize,
     /// How long in-flight streams may run after SIGTERM/SIGINT.
     pub grace: Duration,
+}
+
+/// The fraction of the RAM free at start that the KV pool takes by default.
+pub const DEFAULT_KV_FRACTION: f64 = 0.25;
+
+/// The default KV pool: what `max_sequences` sequences of `context` positions fill, at most
+/// [`DEFAULT_KV_FRACTION`] of the memory available at start (`/proc/meminfo`).
+pub fn default_kv_memory(max_sequences: usize, context: usize, block_bytes: usize) -> u64 {
+    let full = (max_sequences * context.div_ceil(crate::runtime::BLOCK_SIZE) * block_bytes) as u64;
+    let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        let line = m.lines().find(|l| l.starts_with("MemAvailable:"))?;
+        line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kib| kib * 1024)
+    });
+    match available {
+        Some(bytes) => full.min((bytes as f64 * DEFAULT_KV_FRACTION) as u64),
+        None => full,
+    }
+}
+
+/// Blocks of the paged KV pool `opts` ask for (`None` off the CPU, where the cache is
+/// contiguous).
+fn kv_blocks(opts: &ServeOptions, context: usize) -> Result<Option<usize>> {
+    let manifest = Manifest::read(&opts.artifact)?;
+    if opts.session.provider != crate::runtime::Provider::Cpu || opts.session.contiguous_kv {
+        if opts.kv_memory.is_some() {
+            anyhow::bail!(
+                "--kv-memory: the paged KV cache runs on the CPU only (not {}) and not with --contiguous-kv",
+                opts.session.provider.name()
+            );
+        }
+        return Ok(None);
+    }
+    let block = ServingDecoder::block_bytes(&manifest, &opts.session);
+    let bytes = opts.kv_memory.unwrap_or_else(|| default_kv_memory(opts.max_sequences, context, block));
+    let blocks = (bytes / block as u64) as usize;
+    if blocks == 0 {
+        anyhow::bail!(
+            "--kv-memory {bytes} bytes holds no KV block ({block} bytes: {} positions of every layer)",
+            crate::runtime::BLOCK_SIZE
+        );
+    }
+    Ok(Some(blocks))
+}
+
+/// Parses a byte size: a number with an optional unit (`B`, `KiB`, `MiB`, `GiB`, `KB`, `MB`,
+/// `GB`), e.g. `512MiB`.
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let scale: f64 = match unit.trim() {
+        "" | "B" => 1.0,
+        "KiB" => 1024.0,
+        "MiB" => 1024f64.powi(2),
+        "GiB" => 1024f64.powi(3),
+        "KB" | "kB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        other => return Err(format!("{text:?}: unknown unit {other:?} (B, KiB, MiB, GiB, KB, MB, GB)")),
+    };
+    let n: f64 = number.parse().map_err(|_| format!("{text:?} is not a size such as 512MiB"))?;
+    Ok((n * scale) as u64)
 }
 
 /// Runs the server until SIGTERM or SIGINT and the drain that follows.
@@ -146,9 +212,13 @@ async fn serve(
 
     // Load the model while the port already answers (health NOT_SERVING, UNAVAILABLE).
     let (dir, session, slots) = (opts.artifact.clone(), opts.session.clone(), opts.max_sequences);
-    let engine_options = EngineOptions { queue_capacity: opts.queue_capacity };
+    let blocks = kv_blocks(&opts, context)?;
+    let engine_options = EngineOptions { queue_capacity: opts.queue_capacity, prefix_cache: opts.prefix_cache };
     let load = tokio::task::spawn_blocking(move || {
-        let open = move || ServingDecoder::open(&dir, &session, slots, context);
+        let open = move || match blocks {
+            Some(blocks) => ServingDecoder::open_pool(&dir, &session, slots, context, blocks),
+            None => ServingDecoder::open(&dir, &session, slots, context),
+        };
         Engine::start_with_draft(open, draft, tokenizer, engine_options)
     });
     let (loaded_shared, loaded_health) = (shared.clone(), health.clone());

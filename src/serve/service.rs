@@ -298,6 +298,7 @@ fn status(e: &EngineError, input: &str) -> Status {
             Status::invalid_argument(format!("{field}: {reason}"))
         }
         EngineError::PromptTooLong { .. } => Status::invalid_argument(format!("{input}: {e}")),
+        EngineError::KvMemory { .. } => Status::invalid_argument(format!("max_tokens: {e}")),
         EngineError::ChatTemplate(_) => Status::invalid_argument(format!("messages: {e}")),
         EngineError::Overloaded { .. } => Status::resource_exhausted(e.to_string()),
         EngineError::ShutDown => Status::unavailable(e.to_string()),
@@ -458,6 +459,7 @@ fn finished(s: &Summary) -> proto::Finished {
         usage: Some(proto::Usage {
             prompt_tokens: s.prompt_tokens as u32,
             completion_tokens: s.generated_tokens as u32,
+            cached_prompt_tokens: s.cached_prompt_tokens as u32,
         }),
         timings: Some(proto::Timings {
             queue_seconds: s.queue_time.as_secs_f64(),
