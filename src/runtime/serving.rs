@@ -141,8 +141,7 @@ impl ServingDecoder {
     /// `manifest` opened with `opts`.
     pub fn block_bytes(manifest: &Manifest, opts: &SessionOptions) -> usize {
         let cache = opts.kv_cache.unwrap_or_else(|| KvCache::default_for(manifest, opts));
-        let c = &manifest.config;
-        2 * c.num_layers * c.num_kv_heads * BLOCK_SIZE * c.head_dim * cache.element_bytes()
+        pool_block_bytes(manifest, cache)
     }
 
     /// The artifact's manifest.
@@ -231,6 +230,12 @@ impl ServingDecoder {
     }
 }
 
+/// Bytes of one block of [`BLOCK_SIZE`] positions: keys and values of every layer, of `cache`.
+fn pool_block_bytes(manifest: &Manifest, cache: KvCache) -> usize {
+    let c = &manifest.config;
+    2 * c.num_layers * c.num_kv_heads * BLOCK_SIZE * c.head_dim * cache.element_bytes()
+}
+
 /// The KV buffers: per layer keys then values, each `[slots, kv_heads, context, head_dim]`.
 enum KvBuffers {
     F32(Vec<Vec<f32>>),
@@ -316,13 +321,8 @@ impl Forward for ServingDecoder {
     }
 
     fn kv_pool(&self) -> Option<KvPool> {
-        let c = &self.manifest.config;
-        let element = self.kv_cache().element_bytes();
-        self.paged.as_ref().map(|p| KvPool {
-            blocks: p.blocks,
-            block_size: p.block,
-            block_bytes: 2 * c.num_layers * c.num_kv_heads * p.block * c.head_dim * element,
-        })
+        let block_bytes = pool_block_bytes(&self.manifest, self.kv_cache());
+        self.paged.as_ref().map(|p| KvPool { blocks: p.blocks, block_size: p.block, block_bytes })
     }
 
     fn bind_blocks(&mut self, slot: usize, blocks: &[u32]) -> Result<(), RuntimeError> {
