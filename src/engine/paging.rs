@@ -25,12 +25,7 @@ impl<F: Forward> Scheduler<F> {
 
     /// Gives `seq`'s blocks back to the pool, registering its full blocks first if `commit`.
     pub(super) fn free_blocks(&mut self, seq: &mut Sequence, commit: bool) {
-        if commit {
-            self.commit(seq);
-        }
-        if let (Some(pool), Some(table)) = (&mut self.pool, seq.table.take()) {
-            pool.release(table);
-        }
+        release(&mut self.pool, seq, commit);
     }
 
     /// Gives back blocks reserved for a sequence that did not start.
@@ -167,10 +162,7 @@ impl<F: Forward> Scheduler<F> {
                 // The newest running sequence (maybe this one) makes room.
                 let victim = order.iter().rev().copied().find(|&j| !self.running[j].done).expect("this one runs");
                 let seq = &mut self.running[victim];
-                if let Some(mut t) = seq.table.take() {
-                    pool.commit(&mut t, &seq.history[..seq.past.min(seq.history.len())]);
-                    pool.release(t);
-                }
+                release(&mut self.pool, seq, true);
                 (seq.done, seq.preempted) = (true, true);
                 self.preemptions.fetch_add(1, Ordering::AcqRel);
                 preempted = true;
@@ -191,4 +183,14 @@ impl<F: Forward> Scheduler<F> {
         let room = table.blocks().len() * pool.block_size();
         Ok(k.min(room.saturating_sub(seq.past + 1)))
     }
+}
+
+/// Gives `seq`'s blocks back to `pool`, registering its full blocks first if `commit` (a free
+/// function so callers can lend one of the scheduler's own sequences).
+fn release(pool: &mut Option<kv::BlockPool>, seq: &mut Sequence, commit: bool) {
+    let (Some(pool), Some(mut table)) = (pool.as_mut(), seq.table.take()) else { return };
+    if commit {
+        pool.commit(&mut table, &seq.history[..seq.past.min(seq.history.len())]);
+    }
+    pool.release(table);
 }
