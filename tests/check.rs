@@ -44,7 +44,7 @@ fn every_default_artifact_passes() {
     for q in reports[0]["quality"].as_array().expect("rows") {
         assert!(q["quality"]["ppl_increase"].as_f64().expect("increase").abs() < 1e-6, "{q}");
     }
-    // Quality is measured for every quantized artifact, and integrity for their tensors;
+    // Quality is measured for every quantized artifact;
     // what `kiln serve` runs by default (f16 KV cache) is held against tract too.
     for r in &reports[1..] {
         let names: Vec<&str> =
@@ -62,6 +62,10 @@ fn every_default_artifact_passes() {
                 (q["quality"]["ppl"].as_f64().expect("ppl"), q["quality"]["baseline_ppl"].as_f64().expect("ppl"));
             assert!(ppl > base && ppl < 2.5 * base, "{q}");
         }
+    }
+    // Integrity where the stored weights are the FP32 ones quantized; int8's AWQ rescales them.
+    assert!(reports[1]["integrity"].is_null(), "{}", reports[1]["integrity"]);
+    for r in &reports[2..] {
         assert!(r["integrity"]["tensors"].as_u64().expect("integrity") > 200);
     }
 }

@@ -17,7 +17,8 @@
 //! clip_search = false
 //!
 //! # method = "gptq" also reads [quant.gptq] (damp = 0.01, block = 128, act_order = false),
-//! # method = "awq" reads [quant.awq] (grid = 20, samples = 512, clip = true), method =
+//! # method = "awq" reads [quant.awq] (grid = 20, samples = 512, clip = true, activations =
+//! # false: score the scales with the inputs rounded to int8 as served), method =
 //! # "awq+gptq" both (AWQ's scales folded, then GPTQ; AWQ's clip unused); all read
 //! # [quant.calibration] (windows = 32, window = 512, corpus = a directory or a list of
 //! # them, the windows shared evenly (default: the fetched plays and prose),

@@ -35,35 +35,43 @@ pub struct AwqOptions {
     /// After scaling, choose each group's clipping range by the output error on the sampled
     /// inputs.
     pub clip: bool,
+    /// Score each α with the scaled inputs rounded to int8 per block of 32 as the serving
+    /// kernels round them ([`super::round_activations`]), so the scales also spread the
+    /// activations' outliers (SmoothQuant's aim) where that lowers the served output error.
+    pub activations: bool,
 }
 
 impl Default for AwqOptions {
     fn default() -> Self {
-        AwqOptions { grid: 20, samples: 512, clip: true }
+        AwqOptions { grid: 20, samples: 512, clip: true, activations: false }
     }
 }
 
 /// The best per-channel scales for linears `ws` (each `[out, in]`, with its scheme) on inputs
-/// `x` `[tokens, in]`; `mean_abs` is mean |x| per channel over all calibration tokens.
+/// `x` `[tokens, in]`; `mean_abs` is mean |x| per channel over all calibration tokens. With
+/// `activations`, the scaled inputs are rounded as the serving kernels round them.
 pub fn search_scales(
     x: ArrayView2<f32>,
     mean_abs: &Array1<f32>,
     ws: &[(&Array2<f32>, Scheme)],
     grid: usize,
+    activations: bool,
 ) -> Array1<f32> {
     let reference: Vec<Array2<f32>> = ws.iter().map(|(w, _)| x.dot(&w.t())).collect();
     let mut best = (f64::INFINITY, Array1::ones(mean_abs.len()));
     for k in 0..grid.max(1) {
         let alpha = k as f32 / grid.max(1) as f32;
         let s = scales_for(mean_abs, alpha);
+        let xs = activations.then(|| super::round_activations(&x / &s));
         let mut loss = 0f64;
         for ((w, scheme), y) in ws.iter().zip(&reference) {
             let scaled = *w * &s;
-            let q = match quantize(scaled.view(), scheme) {
-                Some(q) => q.dequantize() / &s,
-                None => (*w).clone(),
+            let yq = match (&xs, quantize(scaled.view(), scheme)) {
+                (Some(xs), Some(q)) => xs.dot(&q.dequantize().t()),
+                (Some(xs), None) => xs.dot(&scaled.t()),
+                (None, Some(q)) => x.dot(&(q.dequantize() / &s).t()),
+                (None, None) => x.dot(&w.t()),
             };
-            let yq = x.dot(&q.t());
             loss += (y - &yq).iter().map(|d| (*d as f64) * (*d as f64)).sum::<f64>();
         }
         if loss < best.0 {
@@ -226,7 +234,7 @@ fn awq(
             let views: Vec<ArrayView2<f32>> = st.sample.iter().map(|a| a.view()).collect();
             let sample = ndarray::concatenate(Axis(0), &views).map_err(|e| e.to_string())?;
             let mean = st.sum.mapv(|v| (v / st.rows.max(1) as f64) as f32);
-            let s = search_scales(sample.view(), &mean, &group, opts.grid);
+            let s = search_scales(sample.view(), &mean, &group, opts.grid, opts.activations);
             fold(&mut current.layers[i], site, &s);
             scaled.push((site, sample / &s));
         }
@@ -254,7 +262,7 @@ fn awq(
         let sample = ndarray::concatenate(Axis(0), &views).map_err(|e| e.to_string())?;
         let mean = st.sum.mapv(|v| (v / st.rows.max(1) as f64) as f32);
         let head = current.lm_head().clone();
-        let s = search_scales(sample.view(), &mean, &[(&head, scheme)], opts.grid);
+        let s = search_scales(sample.view(), &mean, &[(&head, scheme)], opts.grid, opts.activations);
         current.norm /= &s;
         let head = head * &s;
         if let Some(q) =
@@ -330,12 +338,40 @@ mod tests {
             clip_search: false,
         };
         let mean_abs = x.mapv(f32::abs).mean_axis(Axis(0)).expect("rows");
-        let s = search_scales(x.view(), &mean_abs, &[(&w, scheme)], 20);
+        let s = search_scales(x.view(), &mean_abs, &[(&w, scheme)], 20, false);
         let rtn = quantize(w.view(), &scheme).expect("q").dequantize();
         let awq = quantize((&w * &s).view(), &scheme).expect("q").dequantize() / &s;
         let (y, y_rtn, y_awq) = (x.dot(&w.t()), x.dot(&rtn.t()), x.dot(&awq.t()));
         let (e_rtn, e_awq) = (QuantError::between(y.view(), y_rtn.view()), QuantError::between(y.view(), y_awq.view()));
         assert!(e_awq.rel_frobenius < e_rtn.rel_frobenius, "AWQ {e_awq:?} vs RTN {e_rtn:?}");
         assert!(s[3] > s[0] && s[17] > s[1], "salient channels get larger scales: {s}");
+    }
+
+    #[test]
+    fn scoring_with_rounded_activations_spreads_their_outliers() {
+        // INT8 weights lose little to rounding; inputs with a channel 50× the rest in each
+        // block of 32 lose much more when rounded to int8 per block.
+        let mut x = random(256, 64, 3);
+        for c in [5, 40] {
+            x.column_mut(c).mapv_inplace(|v| v * 50.0);
+        }
+        let w = random(16, 64, 4);
+        let scheme = Scheme {
+            precision: Precision::Int8,
+            layout: Layout::Blocked,
+            block_size: 32,
+            symmetric: true,
+            clip_search: false,
+        };
+        let mean_abs = x.mapv(f32::abs).mean_axis(Axis(0)).expect("rows");
+        let served = |activations: bool| {
+            let s = search_scales(x.view(), &mean_abs, &[(&w, scheme)], 20, activations);
+            let q = quantize((&w * &s).view(), &scheme).expect("q").dequantize();
+            let y = crate::quant::round_activations(&x / &s).dot(&q.t());
+            (QuantError::between(x.dot(&w.t()).view(), y.view()).rel_frobenius, s)
+        };
+        let ((weights_only, _), (with_activations, s)) = (served(false), served(true));
+        assert!(with_activations < 0.7 * weights_only, "{with_activations} vs {weights_only}");
+        assert!(s[5] > 4.0 * s[0] && s[40] > 4.0 * s[33], "outlier channels get larger scales: {s}");
     }
 }

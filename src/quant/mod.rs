@@ -23,6 +23,26 @@ use serde::{Deserialize, Serialize};
 
 pub use rtn::{quantize, quantize_for_inputs};
 
+/// Inputs per block of the serving kernels' int8 activations.
+pub const ACTIVATION_BLOCK: usize = 32;
+
+/// `x` `[rows, inputs]` as the serving kernels see it at accuracy level 4 (kiln's quantized
+/// MatMul and MatMulNBits): each row rounded to int8 per block of [`ACTIVATION_BLOCK`]
+/// inputs, scale max|v| / 127, half to even.
+pub fn round_activations(mut x: Array2<f32>) -> Array2<f32> {
+    for mut block in x.axis_chunks_iter_mut(ndarray::Axis(1), ACTIVATION_BLOCK) {
+        for mut row in block.rows_mut() {
+            let max = row.fold(0f32, |m, v| m.max(v.abs()));
+            if max == 0.0 || !max.is_finite() {
+                continue;
+            }
+            let (step, inverse) = (max / 127.0, 127.0 / max);
+            row.mapv_inplace(|v| (v * inverse).round_ties_even() * step);
+        }
+    }
+    x
+}
+
 /// The algorithm that chooses the integer codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -1128,4 +1128,23 @@ mod tests {
         assert_eq!((rows.quads[8] >> 8) as i8, 127);
         assert!((rows.sums[0] - 0.02 * 77.0).abs() < 1e-6);
     }
+
+    #[test]
+    fn calibration_rounds_activations_as_the_kernel_does() {
+        // 2 rows of 70 inputs: two full blocks and a partial one, with ties and a zero block.
+        let mut next = noise(5);
+        let mut a: Vec<f32> = (0..140).map(|_| next() * 3.0).collect();
+        a[..3].copy_from_slice(&[127.0, 2.5, -3.5]);
+        a[70 + 32..70 + 64].iter_mut().for_each(|v| *v = 0.0);
+        let mut rows = Quantized::default();
+        rows.fill(&a, 70, 3);
+        let rounded = crate::quant::round_activations(ndarray::Array2::from_shape_vec((2, 70), a).expect("shape"));
+        for (r, row) in rounded.rows().into_iter().enumerate() {
+            for (i, &v) in row.iter().enumerate() {
+                let (b, j) = (r * 3 + i / BLOCK, i % BLOCK);
+                let code = (rows.quads[b * 8 + j / 4] >> (8 * (j % 4))) as i8;
+                assert_eq!(v, f32::from(code) * rows.scales[b], "row {r}, input {i}");
+            }
+        }
+    }
 }
