@@ -430,7 +430,8 @@ pub fn render(r: &Report) -> String {
                 q.quality.ppl,
                 q.quality.baseline_ppl,
                 q.quality.ppl_increase * 100.0,
-                lim(t.max_ppl_increase.map(|v| v * 100.0), "limit % ≤"),
+                // Rounded so that a limit of 0.035 reads 3.5, not 3.5000000000000004.
+                t.max_ppl_increase.map_or(String::new(), |v| format!(" (limit +{}%)", (v * 1e8).round() / 1e6)),
                 q.quality.mean_kl,
                 lim(t.max_mean_kl, "≤"),
                 q.quality.top1,
