@@ -23,7 +23,7 @@ use tract_onnx::pb;
 const OP: &str = "QuantizedMatMul";
 
 /// Inputs per activation block (one int8 scale each).
-const BLOCK: usize = 32;
+const BLOCK: usize = crate::quant::ACTIVATION_BLOCK;
 /// Output columns per packed tile (one 512-bit vector of f32 or i32).
 const TILE: usize = 16;
 /// Rows sharing one pass over a tile's weights.
