@@ -228,31 +228,8 @@ enum Command {
         /// prompts' plot goes beside it, named with `-grounded` added.
         #[arg(long, default_value = "speculative.svg", requires = "speculative")]
         plot: PathBuf,
-        /// Tokens generated per measurement.
-        #[arg(long, default_value_t = 64)]
-        tokens: usize,
-        /// The long context at which decode speed is measured again.
-        #[arg(long, default_value_t = 1024)]
-        long_context: usize,
-        /// Concurrent stream counts for the aggregate throughput rows.
-        #[arg(long, value_delimiter = ',', default_value = "1,4,8,16")]
-        streams: Vec<usize>,
-        /// Threads ONNX Runtime uses (0: one per core).
-        #[arg(long, default_value_t = 0)]
-        threads: usize,
-        /// Accuracy level of 4/8-bit products: 4 (default) computes with int8 activations
-        /// (kiln's quantized MatMul on AVX-512 VNNI CPUs, else MatMulNBits), 0/1 in f32.
-        #[arg(long)]
-        accuracy_level: Option<u8>,
-        /// KV cache element type (default: f16 for integer-quantized weights, else f32).
-        #[arg(long, value_enum)]
-        kv_cache: Option<KvCacheArg>,
-        /// Contiguous KV cache (slot-sized regions) instead of the paged one.
-        #[arg(long)]
-        contiguous_kv: bool,
-        /// Rounds of every measurement, interleaved; the table shows each figure's median.
-        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
-        repeat: u64,
+        #[command(flatten)]
+        measure: MeasureArgs,
         /// Print one JSON object per artifact instead of the table.
         #[arg(long)]
         json: bool,
@@ -311,27 +288,59 @@ enum Command {
     },
 }
 
+/// How `kiln bench` measures each artifact (its default mode, and the figures the other modes
+/// share).
+#[derive(clap::Args)]
+struct MeasureArgs {
+    /// Tokens generated per measurement.
+    #[arg(long, default_value_t = 64)]
+    tokens: usize,
+    /// The long context at which decode speed is measured again.
+    #[arg(long, default_value_t = 1024)]
+    long_context: usize,
+    /// Concurrent stream counts for the aggregate throughput rows.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8,16")]
+    streams: Vec<usize>,
+    /// Threads ONNX Runtime uses (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Accuracy level of 4/8-bit products: 4 (default) computes with int8 activations
+    /// (kiln's quantized MatMul on AVX-512 VNNI CPUs, else MatMulNBits), 0/1 in f32.
+    #[arg(long)]
+    accuracy_level: Option<u8>,
+    /// KV cache element type (default: f16 for integer-quantized weights, else f32).
+    #[arg(long, value_enum)]
+    kv_cache: Option<KvCacheArg>,
+    /// Contiguous KV cache (slot-sized regions) instead of the paged one.
+    #[arg(long)]
+    contiguous_kv: bool,
+    /// Rounds of every measurement, interleaved; the table shows each figure's median.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+    repeat: u64,
+}
+
+impl MeasureArgs {
+    fn options(self) -> kiln::bench::BenchOptions {
+        kiln::bench::BenchOptions {
+            tokens: self.tokens,
+            long_context: self.long_context,
+            streams: self.streams,
+            threads: self.threads,
+            accuracy_level: self.accuracy_level,
+            kv_cache: self.kv_cache.map(Into::into),
+            contiguous_kv: self.contiguous_kv,
+            repeat: self.repeat as usize,
+        }
+    }
+}
+
 /// Internal: `kiln bench` runs each artifact in a process of its own through this.
 #[derive(Parser)]
 #[command(name = "kiln bench-one", hide = true)]
 struct BenchOne {
     artifact: PathBuf,
-    #[arg(long)]
-    tokens: usize,
-    #[arg(long)]
-    long_context: usize,
-    #[arg(long, value_delimiter = ',')]
-    streams: Vec<usize>,
-    #[arg(long)]
-    threads: usize,
-    #[arg(long)]
-    accuracy_level: Option<u8>,
-    #[arg(long, value_enum)]
-    kv_cache: Option<KvCacheArg>,
-    #[arg(long)]
-    contiguous_kv: bool,
-    #[arg(long)]
-    repeat: usize,
+    #[command(flatten)]
+    measure: MeasureArgs,
 }
 
 /// ONNX Runtime session flags of `kiln generate` and `kiln serve`.
@@ -465,16 +474,7 @@ impl From<Ep> for Provider {
 fn main() -> Result<()> {
     if std::env::args().nth(1).as_deref() == Some(BENCH_ONE) {
         let a = BenchOne::parse_from(std::env::args().skip(1));
-        let opts = kiln::bench::BenchOptions {
-            tokens: a.tokens,
-            long_context: a.long_context,
-            streams: a.streams,
-            threads: a.threads,
-            accuracy_level: a.accuracy_level,
-            kv_cache: a.kv_cache.map(Into::into),
-            contiguous_kv: a.contiguous_kv,
-            repeat: a.repeat,
-        };
+        let opts = a.measure.options();
         let row = kiln::bench::bench_artifact(&a.artifact, &opts).map_err(anyhow::Error::msg)?;
         println!("{}", serde_json::to_string(&row)?);
         return Ok(());
@@ -645,7 +645,7 @@ fn main() -> Result<()> {
             let path = model.unwrap_or_else(default_model_path);
             generate(&path, draft.as_deref(), request, session.options(), json)
         }
-        Command::Bench { grpc: Some(addr), http, tokens, streams, json, .. } => {
+        Command::Bench { grpc: Some(addr), http, measure: MeasureArgs { tokens, streams, .. }, json, .. } => {
             let (ttfts, rows) = kiln::serve::bench::bench_client(&addr, http.as_deref(), tokens, &streams)
                 .map_err(anyhow::Error::msg)?;
             if json {
@@ -655,7 +655,14 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Command::Bench { grpc: None, paged: true, artifacts, threads, repeat, json, .. } => {
+        Command::Bench {
+            grpc: None,
+            paged: true,
+            artifacts,
+            measure: MeasureArgs { threads, repeat, .. },
+            json,
+            ..
+        } => {
             let [artifact] = artifacts.as_slice() else { bail!("--paged takes one artifact") };
             let report =
                 kiln::bench::paged::bench_paged(artifact, threads, repeat as usize).map_err(anyhow::Error::msg)?;
@@ -666,7 +673,14 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Command::Bench { grpc: None, constrained: true, artifacts, tokens, threads, repeat, json, .. } => {
+        Command::Bench {
+            grpc: None,
+            constrained: true,
+            artifacts,
+            measure: MeasureArgs { tokens, threads, repeat, .. },
+            json,
+            ..
+        } => {
             let [artifact] = artifacts.as_slice() else { bail!("--constrained takes one artifact") };
             let report = kiln::bench::constrained::bench_constrained(artifact, tokens, threads, repeat as usize)
                 .map_err(anyhow::Error::msg)?;
@@ -677,7 +691,17 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Command::Bench { grpc: None, speculative: true, artifacts, draft, k, plot, tokens, threads, json, .. } => {
+        Command::Bench {
+            grpc: None,
+            speculative: true,
+            artifacts,
+            draft,
+            k,
+            plot,
+            measure: MeasureArgs { tokens, threads, .. },
+            json,
+            ..
+        } => {
             let [target] = artifacts.as_slice() else { bail!("--speculative takes one target artifact") };
             if k.iter().any(|&k| k == 0 || k > kiln::engine::speculative::MAX_DRAFT_TOKENS) {
                 bail!("--k values must be between 1 and {}", kiln::engine::speculative::MAX_DRAFT_TOKENS);
@@ -699,33 +723,8 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Command::Bench {
-            grpc: None,
-            speculative: false,
-            artifacts,
-            tokens,
-            long_context,
-            streams,
-            threads,
-            accuracy_level,
-            kv_cache,
-            contiguous_kv,
-            repeat,
-            json,
-            ..
-        } => {
-            let (repeat, kv_cache) = (repeat as usize, kv_cache.map(Into::into));
-            let opts = kiln::bench::BenchOptions {
-                tokens,
-                long_context,
-                streams,
-                threads,
-                accuracy_level,
-                kv_cache,
-                contiguous_kv,
-                repeat,
-            };
-            bench(&artifacts, &opts, json)
+        Command::Bench { grpc: None, speculative: false, artifacts, measure, json, .. } => {
+            bench(&artifacts, &measure.options(), json)
         }
     }
 }
