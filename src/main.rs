@@ -339,8 +339,8 @@ impl MeasureArgs {
 #[command(name = "kiln bench-one", hide = true)]
 struct BenchOne {
     artifact: PathBuf,
-    #[command(flatten)]
-    measure: MeasureArgs,
+    /// The parent's `BenchOptions`, as JSON.
+    options: String,
 }
 
 /// ONNX Runtime session flags of `kiln generate` and `kiln serve`.
@@ -474,7 +474,7 @@ impl From<Ep> for Provider {
 fn main() -> Result<()> {
     if std::env::args().nth(1).as_deref() == Some(BENCH_ONE) {
         let a = BenchOne::parse_from(std::env::args().skip(1));
-        let opts = a.measure.options();
+        let opts: kiln::bench::BenchOptions = serde_json::from_str(&a.options).context("bench-one options")?;
         let row = kiln::bench::bench_artifact(&a.artifact, &opts).map_err(anyhow::Error::msg)?;
         println!("{}", serde_json::to_string(&row)?);
         return Ok(());
@@ -1012,19 +1012,14 @@ const BENCH_ONE: &str = "bench-one";
 /// Benches each artifact in a child process, so each peak RSS is its own.
 fn bench(artifacts: &[PathBuf], opts: &kiln::bench::BenchOptions, json: bool) -> Result<()> {
     let exe = std::env::current_exe().context("finding the kiln executable")?;
-    let streams: Vec<String> = opts.streams.iter().map(|n| n.to_string()).collect();
+    let options = serde_json::to_string(opts)?;
     let mut rows = Vec::new();
     for dir in artifacts {
         eprintln!("benching {} ...", dir.display());
         let out = std::process::Command::new(&exe)
             .arg(BENCH_ONE)
             .arg(dir)
-            .args(["--tokens", &opts.tokens.to_string(), "--long-context", &opts.long_context.to_string()])
-            .args(["--streams", &streams.join(","), "--threads", &opts.threads.to_string()])
-            .args(["--repeat", &opts.repeat.to_string()])
-            .args(opts.accuracy_level.map(|l| format!("--accuracy-level={l}")))
-            .args(opts.kv_cache.map(|k| format!("--kv-cache={}", k.name())))
-            .args(opts.contiguous_kv.then_some("--contiguous-kv"))
+            .arg(&options)
             .stderr(std::process::Stdio::inherit())
             .output()
             .context("running the bench process")?;

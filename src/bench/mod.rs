@@ -16,8 +16,8 @@ use crate::model::reference::argmax;
 use crate::onnx::manifest::{self, Manifest};
 use crate::runtime::{Forward, KvCache, ServingDecoder, SessionOptions};
 
-/// What to measure.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What to measure (`kiln bench` hands it to each artifact's process as JSON).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BenchOptions {
     /// Tokens generated per decode measurement and per stream.
     pub tokens: usize,

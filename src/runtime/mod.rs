@@ -88,7 +88,8 @@ pub enum Optimization {
 }
 
 /// Element type of the serving graph's KV cache.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum KvCache {
     /// f32, what the artifact declares.
     F32,
