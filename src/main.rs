@@ -315,8 +315,8 @@ struct MeasureArgs {
     #[arg(long)]
     contiguous_kv: bool,
     /// Rounds of every measurement, interleaved; the table shows each figure's median.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
-    repeat: u64,
+    #[arg(long, default_value_t = 3, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    repeat: usize,
 }
 
 impl MeasureArgs {
@@ -329,7 +329,7 @@ impl MeasureArgs {
             accuracy_level: self.accuracy_level,
             kv_cache: self.kv_cache.map(Into::into),
             contiguous_kv: self.contiguous_kv,
-            repeat: self.repeat as usize,
+            repeat: self.repeat,
         }
     }
 }
@@ -664,8 +664,7 @@ fn main() -> Result<()> {
             ..
         } => {
             let [artifact] = artifacts.as_slice() else { bail!("--paged takes one artifact") };
-            let report =
-                kiln::bench::paged::bench_paged(artifact, threads, repeat as usize).map_err(anyhow::Error::msg)?;
+            let report = kiln::bench::paged::bench_paged(artifact, threads, repeat).map_err(anyhow::Error::msg)?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
@@ -682,7 +681,7 @@ fn main() -> Result<()> {
             ..
         } => {
             let [artifact] = artifacts.as_slice() else { bail!("--constrained takes one artifact") };
-            let report = kiln::bench::constrained::bench_constrained(artifact, tokens, threads, repeat as usize)
+            let report = kiln::bench::constrained::bench_constrained(artifact, tokens, threads, repeat)
                 .map_err(anyhow::Error::msg)?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);
